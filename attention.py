@@ -1,0 +1,396 @@
+"""attention.py - the block-diffusion attention rule, and loading/saving models.
+
+Every stage imports this file; it is the one place where the attention rule of a
+blockwise diffusion LM (SDAR) is written down.
+
+A training row holds, per document, one clean copy x0 and R >= 1 noisy copies,
+all sharing position ids (DESIGN.md, "The mask"). With block(i) = pos(i) // b,
+query i may attend key j of the same document when
+  1. both are clean and block(j) <= block(i)            (block-causal),
+  2. both are in the same noisy copy and block(j) == block(i)  (bidirectional in a block),
+  3. i is noisy, j is clean and block(j) < block(i)     (a noisy block sees the clean past).
+R = 1 is SFT ([x_t ; x0]); R = number of denoising rounds is DiPO. Several
+documents can be packed into one row: tokens of different documents never meet.
+A noisy copy may start at any block boundary (`noisy_from`): blocks made only of
+prompt tokens are never masked, so they need no noisy copy.
+
+Backends, chosen per model (`--attn`): "flex" (FlexAttention with a cached
+BlockMask; the default on CUDA), "sdpa" (a dense boolean [B, 1, N, N] mask built
+from the same `mask_mod`; the default elsewhere, since FlexAttention has no CPU
+backward) and "eager" (an additive float mask; for checking). The mask reaches
+transformers' attention function untouched because we pass it as a dict keyed by
+layer type, which Qwen3Model forwards as-is; FlexAttention is registered once
+under the name "dirl_flex" through transformers' AttentionInterface.
+
+Models: `load_model("tiny")` builds the small Qwen3 + character tokenizer used on
+CPU; `load_model(dir)` opens a checkpoint this project wrote or an SDAR
+checkpoint (model_type "sdar", Qwen3 weights) as a plain Qwen3ForCausalLM,
+without trust_remote_code. The block size and the mask token id live in the
+model's config.json (`block_size`, `mask_token_id`) and nowhere else.
+
+Usage:  python attention.py --model PATH_OR_tiny [--save DIR]
+        (prints what was loaded; --save writes it as a checkpoint of this project)
+
+How this differs from the paper's code: the mask is built once per layout and
+cached instead of on every forward; packed documents and noisy copies that skip
+prompt-only blocks are part of the rule; one block size, read from the checkpoint.
+"""
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from transformers import AttentionInterface, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+EOS_TOKEN = "<|endoftext|>"  # also the padding token, as in SDAR
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+MASK_TOKEN_NAMES = ("<|MASK|>", "<MASK>")  # SDAR's name; one file of its release uses the second
+SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END, MASK_TOKEN_NAMES[0]]
+DEFAULT_BLOCK_SIZE = 4
+BACKENDS = {"sdpa": "sdpa", "eager": "eager", "flex": "dirl_flex"}  # our name -> transformers' name
+
+
+# ----------------------------------------------------------------------------- configs and flags
+
+
+def flag(default, help):
+    """A dataclass field whose help text becomes the --help of its command-line flag."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def parse_config(config_cls, argv=None, description=None):
+    """Build an argparse parser from a @dataclass Config: one --kebab-case flag per field,
+    booleans as --x/--no-x, plus --config FILE.json. Precedence: defaults < file < flags."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE.json", help="JSON object with any of the fields below (snake_case); flags given on the command line win")
+    for f in dataclasses.fields(config_cls):
+        name = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help = f"{f.metadata.get('help', '')} (default: {default!r})"
+        if f.type is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+        elif isinstance(default, list):
+            parser.add_argument(name, nargs="*", type=type(default[0]) if default else str, default=argparse.SUPPRESS, help=help)
+        else:
+            kind = f.type if f.type in (int, float, str) else str
+            parser.add_argument(name, type=kind, default=argparse.SUPPRESS, help=help)
+    args = vars(parser.parse_args(argv))
+    values = {}
+    if args.get("config"):
+        path = Path(args.pop("config"))
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"--config {path}: {e}")
+        known = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(values) - known)
+        if not isinstance(values, dict) or unknown:
+            parser.error(f"--config {path}: unknown keys {unknown}; known: {sorted(known)}")
+    args.pop("config", None)
+    values.update(args)
+    return config_cls(**values)
+
+
+# ----------------------------------------------------------------------------- the mask
+
+
+@dataclass
+class Layout:
+    """Where every token of a batch sits. Token order inside a row: for each document,
+    its clean copy, then its noisy copies 1..R; padding (doc = -1) at the end of the row."""
+
+    doc: torch.Tensor  # [B, N] document id inside the row; -1 = padding
+    copy: torch.Tensor  # [B, N] 0 = clean copy x0, r >= 1 = noisy copy r
+    pos: torch.Tensor  # [B, N] position inside the document: the RoPE position and the block index source
+    block_size: int
+
+    def cache_key(self):
+        rows = torch.stack([self.doc, self.copy, self.pos]).cpu().numpy().tobytes()
+        return (tuple(self.doc.shape), self.block_size, hashlib.sha1(rows).hexdigest())
+
+
+def make_layout(rows, block_size):
+    """rows: one list per batch row of documents (length, num_noisy, noisy_from); the document's
+    clean copy covers positions 0..length-1 and each noisy copy positions noisy_from..length-1.
+    Rows are padded to the longest one."""
+    cols = []
+    for row in rows:
+        doc, copy, pos = [], [], []
+        for d, (length, num_noisy, noisy_from) in enumerate(row):
+            if noisy_from % block_size or not 0 <= noisy_from <= length:
+                raise ValueError(f"noisy_from={noisy_from} must be a block boundary inside 0..{length}")
+            noisy = length - noisy_from
+            doc += [d] * (length + num_noisy * noisy)
+            copy += [0] * length + [r for r in range(1, num_noisy + 1) for _ in range(noisy)]
+            pos += list(range(length)) + list(range(noisy_from, length)) * num_noisy
+        cols.append((doc, copy, pos))
+    width = max(len(doc) for doc, _, _ in cols)
+    pad = lambda xs, v: xs + [v] * (width - len(xs))  # noqa: E731
+    as_tensor = lambda i, v: torch.tensor([pad(c[i], v) for c in cols], dtype=torch.long)  # noqa: E731
+    # Padding is one extra document per row (doc -1, clean, position 0): it attends only to itself,
+    # so no softmax row is empty and no real token ever sees it.
+    return Layout(doc=as_tensor(0, -1), copy=as_tensor(1, 0), pos=as_tensor(2, 0), block_size=block_size)
+
+
+def block_diffusion_mask_mod(layout):
+    """The three rules of DESIGN.md as a FlexAttention mask_mod over flat row indices.
+    Written with tensor ops only, so it also runs broadcast over index grids (dense mask)."""
+    doc, copy, blk = layout.doc, layout.copy, layout.pos // layout.block_size
+
+    def mask_mod(b, h, q, kv):
+        same_doc = doc[b, q] == doc[b, kv]
+        cq, ck, bq, bk = copy[b, q], copy[b, kv], blk[b, q], blk[b, kv]
+        clean_block_causal = (cq == 0) & (ck == 0) & (bk <= bq)
+        same_noisy_block = (cq > 0) & (ck == cq) & (bk == bq)
+        noisy_sees_clean_past = (cq > 0) & (ck == 0) & (bk < bq)
+        return same_doc & (clean_block_causal | same_noisy_block | noisy_sees_clean_past)
+
+    return mask_mod
+
+
+def dense_mask(layout):
+    """[B, 1, N, N] bool, True = may attend: the mask_mod evaluated on the full index grid."""
+    B, N = layout.doc.shape
+    b = torch.arange(B, device=layout.doc.device)[:, None, None]
+    q = torch.arange(N, device=layout.doc.device)[None, :, None]
+    kv = torch.arange(N, device=layout.doc.device)[None, None, :]
+    return block_diffusion_mask_mod(layout)(b, None, q, kv)[:, None]
+
+
+_MASK_CACHE = OrderedDict()  # (backend, device, dtype, layout key) -> mask, least recently used first
+_MASK_CACHE_SIZE = 32
+
+
+def attention_mask_for(layout, backend, device, dtype=torch.float32):
+    """The mask in the form `backend` wants, built once per layout and cached: a BlockMask
+    (flex), a bool tensor (sdpa) or an additive float tensor (eager; bool is wrong there)."""
+    key = (backend, str(device), dtype, layout.cache_key())
+    if key in _MASK_CACHE:
+        _MASK_CACHE.move_to_end(key)
+        return _MASK_CACHE[key]
+    on_device = Layout(layout.doc.to(device), layout.copy.to(device), layout.pos.to(device), layout.block_size)
+    if backend == "flex":
+        B, N = layout.doc.shape
+        mask = create_block_mask(block_diffusion_mask_mod(on_device), B, None, N, N, device=device)
+    elif backend == "sdpa":
+        mask = dense_mask(on_device)
+    elif backend == "eager":
+        allowed = dense_mask(on_device)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {sorted(BACKENDS)}")
+    _MASK_CACHE[key] = mask
+    if len(_MASK_CACHE) > _MASK_CACHE_SIZE:
+        _MASK_CACHE.popitem(last=False)
+    return mask
+
+
+@functools.cache
+def _compiled_flex_attention():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function for "dirl_flex": query [B, H, Q, D], key/value [B, Hkv, K, D],
+    attention_mask a BlockMask. Compiled on CUDA (once per shape); the eager reference elsewhere."""
+    attend = _compiled_flex_attention() if query.is_cuda else flex_attention
+    out = attend(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None  # [B, Q, H, D], no attention weights
+
+
+AttentionInterface.register(BACKENDS["flex"], _flex_attention_forward)
+
+
+def backend_of(model):
+    return {v: k for k, v in BACKENDS.items()}[model.config._attn_implementation]
+
+
+def forward_layout(model, input_ids, layout, logits_to_keep=0):
+    """Run a Qwen3ForCausalLM over a block-diffusion layout. input_ids [B, N] in layout order.
+    logits_to_keep: 0 = logits everywhere, or a 1-D index tensor of the positions that need
+    logits (the LM head is the biggest matmul with a real vocabulary). Returns the logits."""
+    device = input_ids.device
+    mask = attention_mask_for(layout, backend_of(model), device, model.dtype)
+    masks = {layer_type: mask for layer_type in set(model.config.layer_types)}
+    out = model(
+        input_ids=input_ids,
+        attention_mask=masks,  # a dict is passed to the attention function untouched
+        position_ids=layout.pos.to(device),
+        logits_to_keep=logits_to_keep,
+        use_cache=False,
+    )
+    return out.logits
+
+
+# ----------------------------------------------------------------------------- the text format
+
+
+def render_chat(messages, add_generation_prompt=False):
+    """DiRL's one text format (ChatML without system prompt or think tags)."""
+    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+CHAT_TEMPLATE = (  # the same format as render_chat, for tools that call apply_chat_template
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class TinyConfig:
+    """The built-in model: Qwen3-shaped, about 1M parameters, sized for 2 CPU cores."""
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 384
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+
+
+def build_char_tokenizer():
+    """Character-level tokenizer: the 4 special tokens, then every printable ASCII character and
+    newline. Any other character becomes <|endoftext|>; the built-in task uses none."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + chars)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=EOS_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny(seed=0, tiny=None):
+    tokenizer = build_char_tokenizer()
+    tiny = tiny or TinyConfig()
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=False,  # as SDAR
+        block_size=DEFAULT_BLOCK_SIZE,
+        mask_token_id=tokenizer.convert_tokens_to_ids(MASK_TOKEN_NAMES[0]),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **dataclasses.asdict(tiny),
+    )
+    with torch.random.fork_rng():  # the init must not disturb the caller's RNG stream
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config)
+    return model, tokenizer
+
+
+def mask_token_id_of(tokenizer):
+    for name in MASK_TOKEN_NAMES:
+        token_id = tokenizer.convert_tokens_to_ids(name)
+        if token_id is not None and token_id != tokenizer.unk_token_id:
+            return token_id
+    return None
+
+
+def qwen3_config_from_sdar(raw):
+    """SDAR's config.json is Qwen3's plus custom-code keys; drop those and build a Qwen3Config."""
+    keep = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
+    return Qwen3Config(**keep)
+
+
+def load_model(name_or_dir, dtype=torch.float32, device="cpu", attn="auto", seed=0):
+    """Load (model, tokenizer) from "tiny", a checkpoint of this project, or an SDAR dir.
+    The model's config always carries `block_size` and `mask_token_id` afterwards."""
+    if attn == "auto":
+        attn = "flex" if torch.device(device).type == "cuda" else "sdpa"
+    if attn not in BACKENDS:
+        raise ValueError(f"unknown attention backend {attn!r}; choose from {sorted(BACKENDS)} or 'auto'")
+    if name_or_dir == "tiny":
+        model, tokenizer = build_tiny(seed)
+    else:
+        path = Path(name_or_dir)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a model directory (no config.json); pass a checkpoint dir or 'tiny'")
+        raw = json.loads((path / "config.json").read_text())
+        if raw.get("model_type") == "sdar":
+            config = qwen3_config_from_sdar(raw)
+        elif raw.get("model_type") == "qwen3":
+            config = Qwen3Config.from_pretrained(path)
+        else:
+            raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is neither 'sdar' nor 'qwen3'")
+        if getattr(config, "use_sliding_window", False):
+            raise ValueError(f"{path}: sliding-window attention is not part of the block-diffusion rule")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        mask_id = mask_token_id_of(tokenizer)
+        if mask_id is None:
+            raise ValueError(f"{path}: the tokenizer has no mask token (looked for {', '.join(MASK_TOKEN_NAMES)})")
+        if getattr(config, "mask_token_id", None) not in (None, mask_id):
+            raise ValueError(f"{path}: config mask_token_id {config.mask_token_id} differs from the tokenizer's mask token id {mask_id}")
+        config.mask_token_id = mask_id
+        config.block_size = getattr(config, "block_size", None) or DEFAULT_BLOCK_SIZE  # some SDAR copies omit it
+        model = Qwen3ForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+    model.set_attn_implementation(BACKENDS[attn])
+    return model.to(device=device, dtype=dtype), tokenizer
+
+
+def save_checkpoint(model, tokenizer, out_dir):
+    """Write an HF model dir (config.json, model.safetensors, tokenizer files) atomically:
+    into a temporary sibling first, then os.replace, so `out_dir` is always whole or absent."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    attn = model.config._attn_implementation
+    model.config._attn_implementation = "sdpa"  # a plain from_pretrained must not need our registry
+    try:
+        model.save_pretrained(tmp)
+    finally:
+        model.config._attn_implementation = attn
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@dataclass
+class Config:
+    model: str = flag("tiny", "'tiny' or a model dir (a checkpoint of this project or an SDAR checkpoint)")
+    save: str = flag("", "if set, write the loaded model here as a checkpoint of this project")
+    attn: str = flag("auto", "attention backend: auto (flex on CUDA, else sdpa), flex, sdpa or eager")
+    seed: int = flag(0, "initialisation seed of the tiny model")
+
+
+def main(cfg):
+    model, tokenizer = load_model(cfg.model, attn=cfg.attn, seed=cfg.seed)
+    c = model.config
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{cfg.model}: Qwen3 {params / 1e6:.2f}M params, hidden {c.hidden_size}, {c.num_hidden_layers} layers, "
+          f"vocab {c.vocab_size}, block_size {c.block_size}, mask_token_id {c.mask_token_id}, attn {backend_of(model)}")
+    if cfg.save:
+        save_checkpoint(model, tokenizer, cfg.save)
+        print(f"saved to {cfg.save}")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_config(Config, description=__doc__))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")

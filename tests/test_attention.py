@@ -1,0 +1,259 @@
+"""attention.py: the mask rule, its backends, running Qwen3 on the layout, loading and saving."""
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from transformers import AutoModelForCausalLM
+
+import attention
+
+
+def brute_force_mask(rows, block_size):
+    """The rule written out token by token, independently of attention.py: list every token as
+    (doc, copy, pos) in the documented order, then decide each (query, key) pair with ifs."""
+    masks = []
+    for row in rows:
+        tokens = []
+        for d, (length, num_noisy, noisy_from) in enumerate(row):
+            tokens += [(d, 0, p) for p in range(length)]
+            for r in range(1, num_noisy + 1):
+                tokens += [(d, r, p) for p in range(noisy_from, length)]
+        masks.append(tokens)
+    width = max(len(t) for t in masks)
+    out = torch.zeros(len(rows), 1, width, width, dtype=torch.bool)
+    for b, tokens in enumerate(masks):
+        for i in range(width):
+            for j in range(width):
+                if i >= len(tokens) or j >= len(tokens):
+                    out[b, 0, i, j] = i == j or (i >= len(tokens) and j >= len(tokens))
+                    continue
+                (di, ci, pi), (dj, cj, pj) = tokens[i], tokens[j]
+                bi, bj = pi // block_size, pj // block_size
+                if di != dj:
+                    allowed = False
+                elif ci == 0 and cj == 0:
+                    allowed = bj <= bi
+                elif ci > 0 and cj == ci:
+                    allowed = bj == bi
+                elif ci > 0 and cj == 0:
+                    allowed = bj < bi
+                else:  # a clean query never sees a noisy key, nor a noisy copy another noisy copy
+                    allowed = False
+                out[b, 0, i, j] = allowed
+    return out
+
+
+def random_rows(rng, block_size, num_noisy, num_rows=2, max_docs=3):
+    rows = []
+    for _ in range(num_rows):
+        row = []
+        for _ in range(rng.randint(1, max_docs)):
+            length = block_size * rng.randint(1, 4) + rng.choice([0, 0, 1, 3]) % block_size  # not multiples of 16
+            noisy_from = block_size * rng.randint(0, length // block_size)
+            row.append((length, num_noisy, noisy_from))
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("num_noisy", [1, 2, 4])
+@pytest.mark.parametrize("block_size", [1, 2, 4, 8])
+def test_dense_mask_equals_brute_force(num_noisy, block_size):
+    rng = random.Random(block_size * 10 + num_noisy)
+    for _ in range(3):
+        rows = random_rows(rng, block_size, num_noisy)
+        layout = attention.make_layout(rows, block_size)
+        assert torch.equal(attention.dense_mask(layout), brute_force_mask(rows, block_size)), rows
+
+
+def test_mask_by_hand_for_one_small_document():
+    # length 4, block 2, one noisy copy of the whole document: tokens c0 c1 c2 c3 n0 n1 n2 n3
+    layout = attention.make_layout([[(4, 1, 0)]], block_size=2)
+    expected = torch.tensor(
+        [
+            [1, 1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 0],
+            [0, 0, 0, 0, 1, 1, 0, 0],
+            [0, 0, 0, 0, 1, 1, 0, 0],
+            [1, 1, 0, 0, 0, 0, 1, 1],
+            [1, 1, 0, 0, 0, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(attention.dense_mask(layout)[0, 0], expected)
+
+
+def test_make_layout_refuses_noisy_copy_off_a_block_boundary():
+    with pytest.raises(ValueError, match="block boundary"):
+        attention.make_layout([[(8, 1, 3)]], block_size=4)
+
+
+@pytest.mark.parametrize("num_noisy,block_size", [(1, 4), (2, 2), (4, 8)])
+def test_flex_forward_equals_sdpa_with_dense_mask(num_noisy, block_size):
+    torch.manual_seed(0)
+    rows = random_rows(random.Random(7), block_size, num_noisy)
+    layout = attention.make_layout(rows, block_size)
+    B, N = layout.doc.shape
+    q, k, v = (torch.randn(B, 4, N, 16) for _ in range(3))
+    block_mask = create_block_mask(attention.block_diffusion_mask_mod(layout), B, None, N, N, device="cpu")
+    with torch.no_grad():
+        flex = flex_attention(q, k, v, block_mask=block_mask)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=attention.dense_mask(layout))
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return attention.load_model("tiny", seed=1)
+
+
+def test_backends_agree_through_the_model(tiny):
+    model, _ = tiny
+    layout = attention.make_layout([[(12, 2, 4), (5, 1, 0)], [(16, 2, 8)]], block_size=4)
+    ids = torch.randint(4, model.config.vocab_size, layout.doc.shape, generator=torch.Generator().manual_seed(0))
+    logits = {}
+    with torch.no_grad():
+        for backend in ["sdpa", "eager", "flex"]:
+            model.set_attn_implementation(attention.BACKENDS[backend])
+            logits[backend] = attention.forward_layout(model, ids, layout)
+    model.set_attn_implementation("sdpa")
+    real = layout.doc >= 0  # padding positions carry no meaning
+    torch.testing.assert_close(logits["eager"][real], logits["sdpa"][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits["flex"][real], logits["sdpa"][real], atol=1e-5, rtol=1e-5)
+
+
+def block_causal_logits(model, ids, block_size):
+    """Reference: one plain sequence with an ordinary block-causal mask, built here."""
+    n = ids.shape[1]
+    blk = torch.arange(n) // block_size
+    allowed = blk[None, :] <= blk[:, None]
+    model.set_attn_implementation("eager")  # eager too, so the check does not rest on sdpa
+    additive = torch.zeros(1, 1, n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    out = model(input_ids=ids, attention_mask={"full_attention": additive}, position_ids=torch.arange(n)[None]).logits
+    model.set_attn_implementation("sdpa")
+    return out
+
+
+def test_noisy_block_sees_exactly_the_clean_prefix_and_its_own_block(tiny):
+    model, _ = tiny
+    b, length, noisy_from = 4, 14, 4  # 14 = three full blocks and a partial one
+    gen = torch.Generator().manual_seed(3)
+    clean = torch.randint(4, model.config.vocab_size, (length,), generator=gen)
+    noisy = clean.clone()
+    noisy[torch.rand(length, generator=gen) < 0.5] = model.config.mask_token_id
+    layout = attention.make_layout([[(length, 1, noisy_from)]], block_size=b)
+    ids = torch.cat([clean, noisy[noisy_from:]])[None]
+    with torch.no_grad():
+        packed = attention.forward_layout(model, ids, layout)[0]
+        for start in range(noisy_from, length, b):
+            end = min(start + b, length)
+            alone = torch.cat([clean[:start], noisy[start:end]])[None]
+            ref = block_causal_logits(model, alone, b)[0, start:end]
+            got = packed[length + start - noisy_from : length + end - noisy_from]
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        # and the clean copy is an ordinary block-causal pass over x0
+        torch.testing.assert_close(packed[:length], block_causal_logits(model, clean[None], b)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_mask_is_cached_per_layout():
+    a = attention.make_layout([[(8, 1, 0)]], 4)
+    again = attention.make_layout([[(8, 1, 0)]], 4)
+    other = attention.make_layout([[(8, 1, 4)]], 4)
+    for backend in ["sdpa", "flex"]:
+        first = attention.attention_mask_for(a, backend, "cpu")
+        assert attention.attention_mask_for(again, backend, "cpu") is first
+        assert attention.attention_mask_for(other, backend, "cpu") is not first
+
+
+def test_logits_to_keep_selects_positions(tiny):
+    model, _ = tiny
+    layout = attention.make_layout([[(8, 1, 4)]], 4)
+    ids = torch.randint(4, model.config.vocab_size, layout.doc.shape, generator=torch.Generator().manual_seed(1))
+    keep = torch.tensor([8, 10, 11])
+    with torch.no_grad():
+        full = attention.forward_layout(model, ids, layout)
+        some = attention.forward_layout(model, ids, layout, logits_to_keep=keep)
+    torch.testing.assert_close(some, full[:, keep])
+
+
+def write_sdar_dir(model, tokenizer, path, with_block_keys):
+    """An SDAR-format checkpoint as released: model_type "sdar", custom-code keys, Qwen3 weights."""
+    attention.save_checkpoint(model, tokenizer, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="sdar", architectures=["SDARForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_sdar.SDARConfig", "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"})
+    if not with_block_keys:
+        config.pop("block_size")
+        config.pop("mask_token_id")
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("with_block_keys", [True, False])
+def test_sdar_dir_loads_as_qwen3_with_same_logits(tiny, tmp_path, with_block_keys):
+    model, tokenizer = tiny
+    write_sdar_dir(model, tokenizer, tmp_path / "sdar", with_block_keys)
+    loaded, loaded_tok = attention.load_model(tmp_path / "sdar")
+    assert type(loaded).__name__ == "Qwen3ForCausalLM"
+    assert loaded.config.block_size == 4
+    assert loaded.config.mask_token_id == loaded_tok.convert_tokens_to_ids("<|MASK|>")
+    ids = torch.randint(4, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_sdar_dir_with_conflicting_mask_id_is_refused(tiny, tmp_path):
+    model, tokenizer = tiny
+    write_sdar_dir(model, tokenizer, tmp_path / "sdar", with_block_keys=True)
+    config = json.loads((tmp_path / "sdar" / "config.json").read_text())
+    config["mask_token_id"] = 7
+    (tmp_path / "sdar" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="mask"):
+        attention.load_model(tmp_path / "sdar")
+
+
+def test_missing_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        attention.load_model(tmp_path / "nothing")
+
+
+def test_save_load_roundtrip_gives_identical_logits(tiny, tmp_path):
+    model, tokenizer = tiny
+    out = tmp_path / "policy" / "step_000000"
+    out.parent.mkdir()
+    attention.save_checkpoint(model, tokenizer, out)
+    attention.save_checkpoint(model, tokenizer, out)  # overwriting a whole checkpoint is allowed
+    assert sorted(p.name for p in out.parent.iterdir()) == ["step_000000"]  # no temporary left behind
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    plain = AutoModelForCausalLM.from_pretrained(out)  # a standard HF dir, no registry needed
+    ours, tok = attention.load_model(out)
+    ids = torch.randint(4, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, model(ids).logits, atol=0, rtol=0)
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert tok("3+4*2")["input_ids"] == tokenizer("3+4*2")["input_ids"]
+
+
+def test_tiny_init_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a, _ = attention.build_tiny(seed=4)
+    after = torch.rand(1)
+    b, _ = attention.build_tiny(seed=4)
+    assert torch.equal(before, after)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_parse_config_precedence(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"seed": 5, "attn": "eager"}))
+    cfg = attention.parse_config(attention.Config, ["--config", str(path), "--seed", "9"])
+    assert (cfg.seed, cfg.attn, cfg.model) == (9, "eager", "tiny")
+    path.write_text(json.dumps({"sede": 5}))
+    with pytest.raises(SystemExit):
+        attention.parse_config(attention.Config, ["--config", str(path)])

@@ -1,0 +1,24 @@
+"""Every top-level script answers --help, and importing it has no side effects (DESIGN.md)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = sorted(p.name for p in ROOT.glob("*.py")) + ["data/arithmetic.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage:" in result.stdout
+
+
+@pytest.mark.parametrize("module", [s[:-3] for s in SCRIPTS if "/" not in s])
+def test_import_writes_nothing(module, tmp_path):
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import {module}"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []

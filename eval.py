@@ -118,7 +118,7 @@ def parse_number(s):
     """Fraction for a plain number, fraction, decimal or percentage; None otherwise.
     Returns (value, inexact, percent)."""
     m = _NUMBER.fullmatch(s)
-    if not m or (m[3] == "0" or m[5] == "0"):
+    if not m or int(m[3] or m[5] or 1) == 0:  # "1/00" is no number, and must not divide by zero
         return None
     sign = -1 if m[1] else 1
     if m[6] is not None:

@@ -85,7 +85,7 @@ CASES = [
     ("\\frac{3}{5}", "60", False), ("1, 1, 2", "1, 2, 2", False), ("y=x", "y=-x", False),
     # words and junk
     ("\\text{yes}", "\\text{Yes}", False), ("\\text{no}", "\\text{no}", True), ("", "5", False), ("foo", "5", False),
-    ("5 + ", "5", False), ("\\frac{1}{0}", "1", False), ("\\unknown{3}", "3", False), ("x", "y", False),
+    ("5 + ", "5", False), ("\\frac{1}{0}", "1", False), ("1/00", "1", False), ("\\frac{1}{00}", "1", False), ("\\unknown{3}", "3", False), ("x", "y", False),
 ]
 
 

@@ -165,12 +165,15 @@ def structure(s):
         return "matrix", [row.split("&") for row in m[1].split("\\\\") if row]
     if s.startswith("\\{") and s.endswith("\\}"):
         return "set", split_top(s[2:-2])
-    if len(split_top(s, "\\cup")) > 1:
-        return "union", split_top(s, "\\cup")
-    if len(s) > 2 and s[0] in "([" and s[-1] in ")]" and len(split_top(s[1:-1])) > 1 and split_top(s) == [s]:
-        return "seq", s[0], s[-1], split_top(s[1:-1])
-    if len(split_top(s)) > 1:
-        return "list", split_top(s)
+    union = split_top(s, "\\cup")
+    if len(union) > 1:
+        return "union", union
+    items = split_top(s)
+    if len(items) > 1:
+        return "list", items
+    inner = split_top(s[1:-1])
+    if len(s) > 2 and s[0] in "([" and s[-1] in ")]" and len(inner) > 1:
+        return "seq", s[0], s[-1], inner
     return "scalar", s
 
 

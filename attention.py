@@ -42,6 +42,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from collections import OrderedDict
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from transformers import AttentionInterface, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -57,6 +59,8 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 MASK_TOKEN_NAMES = ("<|MASK|>", "<MASK>")  # SDAR's name; one file of its release uses the second
 SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END, MASK_TOKEN_NAMES[0]]
 DEFAULT_BLOCK_SIZE = 4
+DIRL_INSTRUCTION = "Please reason step by step, and put your final answer within $\\boxed{}$."
+TINY_INSTRUCTION = ""  # every character is a token for the tiny tokenizer, and the task always boxes
 BACKENDS = {"sdpa": "sdpa", "eager": "eager", "flex": "dirl_flex"}  # our name -> transformers' name
 
 
@@ -211,6 +215,7 @@ def _flex_attention_forward(module, query, key, value, attention_mask, scaling=N
 
 
 AttentionInterface.register(BACKENDS["flex"], _flex_attention_forward)
+transformers.utils.logging.disable_progress_bar()  # a bar per load or save would bury the stages' own bars
 
 
 def backend_of(model):
@@ -241,6 +246,12 @@ def render_chat(messages, add_generation_prompt=False):
     """DiRL's one text format (ChatML without system prompt or think tags)."""
     text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+def render_prompt(question, instruction):
+    """A question as the user turn, the instruction sentence appended, ready for the answer."""
+    content = f"{question}\n{instruction}" if instruction else question
+    return render_chat([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 CHAT_TEMPLATE = (  # the same format as render_chat, for tools that call apply_chat_template
@@ -289,6 +300,7 @@ def build_tiny(seed=0, tiny=None):
         vocab_size=len(tokenizer),
         tie_word_embeddings=False,  # as SDAR
         block_size=DEFAULT_BLOCK_SIZE,
+        instruction=TINY_INSTRUCTION,
         mask_token_id=tokenizer.convert_tokens_to_ids(MASK_TOKEN_NAMES[0]),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -316,7 +328,8 @@ def qwen3_config_from_sdar(raw):
 
 def load_model(name_or_dir, dtype=torch.float32, device="cpu", attn="auto", seed=0):
     """Load (model, tokenizer) from "tiny", a checkpoint of this project, or an SDAR dir.
-    The model's config always carries `block_size` and `mask_token_id` afterwards."""
+    The model's config always carries `block_size`, `mask_token_id` and `instruction`
+    (the sentence appended to questions, DiRL's unless the checkpoint says otherwise) afterwards."""
     if attn == "auto":
         attn = "flex" if torch.device(device).type == "cuda" else "sdpa"
     if attn not in BACKENDS:
@@ -344,27 +357,121 @@ def load_model(name_or_dir, dtype=torch.float32, device="cpu", attn="auto", seed
             raise ValueError(f"{path}: config mask_token_id {config.mask_token_id} differs from the tokenizer's mask token id {mask_id}")
         config.mask_token_id = mask_id
         config.block_size = getattr(config, "block_size", None) or DEFAULT_BLOCK_SIZE  # some SDAR copies omit it
+        config.instruction = getattr(config, "instruction", DIRL_INSTRUCTION)
         model = Qwen3ForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     model.set_attn_implementation(BACKENDS[attn])
     return model.to(device=device, dtype=dtype), tokenizer
 
 
-def save_checkpoint(model, tokenizer, out_dir):
+def save_checkpoint(model, tokenizer, out_dir, state_dict=None, trainer_state=None):
     """Write an HF model dir (config.json, model.safetensors, tokenizer files) atomically:
-    into a temporary sibling first, then os.replace, so `out_dir` is always whole or absent."""
+    into a temporary sibling first, then os.replace, so `out_dir` is always whole or absent.
+    state_dict: the full weights when the model is sharded; trainer_state: saved beside them
+    as trainer_state.pt, so weights and optimizer state can never come from different steps."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     attn = model.config._attn_implementation
     model.config._attn_implementation = "sdpa"  # a plain from_pretrained must not need our registry
-    try:
-        model.save_pretrained(tmp)
+    try:  # save_pretrained empties the dict it is given, hence the copy
+        model.save_pretrained(tmp, state_dict=dict(state_dict) if state_dict is not None else None)
     finally:
         model.config._attn_implementation = attn
     tokenizer.save_pretrained(tmp)
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+
+def write_atomic(path, data):
+    """Write str or bytes to `path` through a temporary sibling and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def policy_dir(run, step):
+    return Path(run) / "policy" / f"step_{step:06d}"
+
+
+def latest_policy(run):
+    """(step, dir) of the checkpoint that runs/<run>/policy/latest names."""
+    latest = Path(run) / "policy" / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(f"{latest}: no policy yet (run `python sft.py --run {run}` first)")
+    name = latest.read_text().strip()
+    if not re.fullmatch(r"step_\d{6}", name) or not (latest.parent / name / "config.json").is_file():
+        raise ValueError(f"{latest}: names {name!r}, which is not a checkpoint in {latest.parent}")
+    return int(name[len("step_"):]), latest.parent / name
+
+
+def publish_policy(run, step):
+    """Point policy/latest at step `step` (its checkpoint must already be written)."""
+    write_atomic(Path(run) / "policy" / "latest", f"step_{step:06d}\n")
+
+
+def append_metrics(run, record):
+    with open(Path(run) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- many processes
+
+
+def init_distributed(device="auto"):
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    nccl on CUDA, gloo on CPU; each process takes the GPU of its LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world == 1:
+        return 0, 1, torch.device(device)
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return torch.distributed.get_rank(), world, torch.device(device)
+
+
+def shard_model(model):
+    """FSDP2: shard every decoder layer, then the rest. Gradients are summed across processes,
+    not averaged: each process's loss is already divided by the global count of its units."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+    return model
+
+
+def full_state(model, optimizer=None):
+    """Full (unsharded, CPU) model and optimizer state dicts; a collective under FSDP, so every
+    process calls it. Without FSDP it is the plain state dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=options)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    return model_sd, optim_sd
+
+
+def load_optimizer_state(model, optimizer, optim_sd):
+    """Inverse of full_state for the optimizer: every process passes the full state dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
 
 
 # ----------------------------------------------------------------------------- command line

@@ -1,0 +1,411 @@
+"""sft.py - blockwise masked-diffusion SFT of a blockwise diffusion LM (SDAR), the first DiRL stage.
+
+Reads  --model   'tiny' (built from a config) or a model dir (an SDAR checkpoint or one of ours)
+       --data    SFT data, JSON list or JSONL: {"messages": [{"role", "content"}, ...]} (the
+                 last assistant turn is trained on, earlier turns are its prompt) or
+                 {"prompt", "response"} (the prompt gets the checkpoint's instruction sentence)
+Writes runs/<run>/config/sft.json         the resolved config
+       runs/<run>/sft/                    the last save: HF model dir + trainer_state.pt
+                                          (optimizer, scheduler, step), written atomically
+       runs/<run>/policy/step_000000/     the final model, and policy/latest naming it
+       runs/<run>/metrics.jsonl           one {"stage": "sft", ...} line per logged step
+
+Usage: python sft.py [--model tiny] [--data data/arith_sft.jsonl] [--run runs/arith] [--steps 600]
+       torchrun --nproc-per-node N -- sft.py ...  (FSDP2; gloo on CPU, nccl on CUDA; the "--" stops
+                                                   torchrun from reading --run as its own --run-path)
+
+The loss (DESIGN.md, "The SFT loss"; paper Sec. 3.1). A document is prompt + response +
+"<|im_end|>\\n", padded with eos to a multiple of the block size b (the padding is trained on:
+it is how the model learns to stop). Per document draw t ~ U(0, 1), p = (1 - eps) t + eps, and
+mask each response token with probability p (never a prompt token). The model sees
+[x0 ; x_t] with attention.py's block-diffusion mask and predicts x0 at the masked positions of
+x_t (labels not shifted):
+    loss(doc) = sum_{masked i} CE(x0_i | x_t) / p  /  (number of response tokens)
+and the step's loss is the mean over the documents of the global batch, however they are split
+into micro-batches and processes (each process divides by the global count, and FSDP sums).
+
+How this differs from the paper's code:
+  - documents are packed into rows with a document-aware mask, not padded to a fixed length;
+    the noisy copy starts at the block holding the first response token (prompt-only blocks
+    have nothing to predict), with exact positions;
+  - the noise of a document is a function of (seed, its place in the data stream), so a
+    resumed run and a run on any number of processes see exactly the same masks;
+  - only the final assistant turn of a `messages` record is trained on.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import attention
+from attention import flag
+
+RUN_FIELDS = {"resume", "save_every", "log_every", "threads", "grad_checkpointing", "row_len", "grad_accum", "attn", "device"}
+
+
+@dataclass
+class Config:
+    model: str = flag("tiny", "'tiny' or a model dir (SDAR checkpoint or one of ours)")
+    data: str = flag("data/arith_sft.jsonl", "SFT data: JSON list or JSONL of {messages} or {prompt, response}")
+    run: str = flag("runs/arith", "run directory (created); see DESIGN.md for its layout")
+    steps: int = flag(600, "optimizer steps")
+    epochs: float = flag(0.0, "if > 0, train this many passes over the data instead of --steps")
+    batch_size: int = flag(32, "documents per optimizer step, summed over processes and micro-batches")
+    grad_accum: int = flag(1, "micro-batches per optimizer step in each process")
+    row_len: int = flag(256, "tokens per packed row (a document counts its clean and its noisy copy)")
+    lr: float = flag(2e-3, "peak learning rate (AdamW)")
+    warmup_steps: int = flag(30, "linear warmup steps, then cosine decay")
+    min_lr_ratio: float = flag(0.1, "the cosine decays to lr * this")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)")
+    block_size: int = flag(0, "block size; 0 = the checkpoint's (4 for 'tiny' and SDAR)")
+    max_len: int = flag(256, "longest document in tokens after block padding (a multiple of the block size)")
+    overlong: str = flag("skip", "documents longer than --max-len: 'skip' or 'truncate' (the response); counted either way")
+    eps: float = flag(1e-3, "smallest mask rate: p = (1 - eps) t + eps")
+    instruction: str = flag("auto", "sentence appended to {prompt} records; 'auto' = the checkpoint's")
+    dtype: str = flag("float32", "compute dtype: float32, or bfloat16 (autocast; weights stay float32)")
+    device: str = flag("auto", "auto (cuda if present), cpu or cuda")
+    attn: str = flag("auto", "attention backend: auto (flex on CUDA, else sdpa), flex, sdpa, eager")
+    seed: int = flag(0, "seed of the model init (tiny), the data order, the held-out split and the masks")
+    eval_docs: int = flag(256, "documents held out of training for the final held-out loss")
+    save_every: int = flag(100, "save the run (weights + optimizer) every this many steps")
+    log_every: int = flag(25, "one log line and one metrics.jsonl line every this many steps")
+    resume: bool = flag(False, "continue from runs/<run>/sft/ (same settings) instead of refusing an existing run")
+    grad_checkpointing: bool = flag(False, "recompute activations in the backward pass to save memory")
+    threads: int = flag(0, "torch CPU threads (0 = torch's default)")
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+def noise_document(prompt_len, length, eps, generator):
+    """One document's noise: p = (1 - eps) t + eps with t ~ U(0, 1), and which positions are
+    masked ([length] bool); prompt positions never are."""
+    t = torch.rand((), generator=generator).item()
+    p = (1 - eps) * t + eps
+    masked = torch.zeros(length, dtype=torch.bool)
+    masked[prompt_len:] = torch.rand(length - prompt_len, generator=generator) < p
+    return p, masked
+
+
+def diffusion_loss(logits, targets, weights):
+    """sum_i weights_i * CE(logits_i, targets_i); logits [M, V], targets [M], weights [M] with
+    weight = 1 / (p * response tokens of the document) / documents in the global batch."""
+    return (F.cross_entropy(logits.float(), targets, reduction="none") * weights).sum()
+
+
+def pack_rows(sizes, row_len):
+    """First-fit decreasing: lists of indices whose sizes sum to at most row_len (a larger
+    item gets a row of its own)."""
+    rows, room = [], []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        for r, free in enumerate(room):
+            if sizes[i] <= free:
+                rows[r].append(i)
+                room[r] -= sizes[i]
+                break
+        else:
+            rows.append([i])
+            room.append(row_len - sizes[i])
+    return rows
+
+
+def build_micro_batch(docs, noises, block_size, mask_id, pad_id, row_len, docs_in_batch):
+    """docs: (prompt_ids, response_ids) with len(prompt + response) a multiple of block_size;
+    noises: (p, masked) per doc. Rows of [clean copy ; noisy copy] per document, the noisy copy
+    starting at the block that holds the first response token. Returns input_ids [B, N],
+    the Layout, and per loss token (masked response token): row, column, target, weight."""
+    sizes, starts = [], []
+    for prompt, response in docs:
+        noisy_from = len(prompt) // block_size * block_size
+        starts.append(noisy_from)
+        sizes.append(2 * (len(prompt) + len(response)) - noisy_from)
+    rows = pack_rows(sizes, row_len)
+    ids, spec, loss_rows, loss_cols, targets, weights = [], [], [], [], [], []
+    for r, row in enumerate(rows):
+        row_ids, row_spec = [], []
+        for d in row:
+            clean = docs[d][0] + docs[d][1]
+            p, masked = noises[d]
+            noisy_from = starts[d]
+            offset = len(row_ids) + len(clean) - noisy_from  # column of position 0 of the noisy copy
+            noisy = [mask_id if masked[i] else clean[i] for i in range(noisy_from, len(clean))]
+            row_ids += clean + noisy
+            row_spec.append((len(clean), 1, noisy_from))
+            weight = 1.0 / (p * len(docs[d][1]) * docs_in_batch)
+            for i in masked.nonzero().flatten().tolist():
+                loss_rows.append(r)
+                loss_cols.append(offset + i)
+                targets.append(clean[i])
+                weights.append(weight)
+        ids.append(row_ids)
+        spec.append(row_spec)
+    width = max(len(row) for row in ids)
+    input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in ids])  # [B, N]
+    layout = attention.make_layout(spec, block_size)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return input_ids, layout, as_long(loss_rows), as_long(loss_cols), as_long(targets), torch.tensor(weights)
+
+
+def masked_logits(model, input_ids, layout, loss_rows, loss_cols):
+    """Logits [M, V] at the loss tokens only: the LM head runs on the columns that hold one."""
+    cols = torch.unique(loss_cols)  # sorted
+    logits = attention.forward_layout(model, input_ids, layout, logits_to_keep=cols.to(input_ids.device))  # [B, K, V]
+    return logits[loss_rows.to(logits.device), torch.searchsorted(cols, loss_cols).to(logits.device)]
+
+
+def lr_factor(step, warmup_steps, total_steps, min_lr_ratio):
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def stream_docs(step, batch_size, num_docs, seed):
+    """The documents of optimizer step `step`: positions step*B .. step*B+B-1 of an endless
+    stream that visits the training documents in a fresh seeded order every epoch.
+    Returns (stream position, doc index) pairs; the position seeds the document's noise."""
+    out = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, k = divmod(i, num_docs)
+        out.append((i, epoch_order(num_docs, seed, epoch)[k]))
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_docs, seed, epoch):
+    return torch.randperm(num_docs, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def noise_seed(seed, position):
+    return (seed << 40) + position
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def read_records(path):
+    """[(line number, record)] from a JSON list or a JSONL file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        try:
+            return list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a JSON list ({e})") from None
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+    return records
+
+
+def to_texts(record, instruction):
+    """(prompt text, response text) in DiRL's chat format; the response ends with <|im_end|>\\n."""
+    if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
+        messages = record["messages"]
+        last = messages[-1]
+        if not isinstance(last, dict) or last.get("role") != "assistant" or not isinstance(last.get("content"), str):
+            raise ValueError("the last message must be an assistant turn with string content")
+        prompt = attention.render_chat(messages[:-1], add_generation_prompt=True)
+        return prompt, last["content"] + attention.IM_END + "\n"
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+        return attention.render_prompt(record["prompt"], instruction), record["response"] + attention.IM_END + "\n"
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise ValueError(f"need 'messages' or 'prompt' + 'response' (have {keys})")
+
+
+def load_documents(path, tokenizer, instruction, block_size, max_len, overlong):
+    """Token documents (prompt_ids, response_ids padded with eos to a block multiple) and
+    the number of overlong records skipped or truncated."""
+    texts = []
+    for n, record in read_records(path):
+        try:
+            texts.append(to_texts(record, instruction))
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+    prompts = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([r for _, r in texts], add_special_tokens=False)["input_ids"]
+    docs, overlong_count = [], 0
+    for prompt, response in zip(prompts, responses):
+        response = response + [tokenizer.eos_token_id] * (-(len(prompt) + len(response)) % block_size)
+        if len(prompt) + len(response) > max_len:
+            overlong_count += 1
+            if overlong == "skip" or len(prompt) >= max_len:
+                continue
+            response = response[: max_len - len(prompt)]
+        docs.append((prompt, response))
+    return docs, overlong_count
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def run_micro_batch(model, docs, positions, cfg, docs_in_batch, device, dtype):
+    """Forward one micro-batch; returns (loss tensor, masked-token hits, masked tokens, row tokens)."""
+    noises = []
+    for (prompt, response), position in zip(docs, positions):
+        g = torch.Generator().manual_seed(noise_seed(cfg.seed, position))
+        noises.append(noise_document(len(prompt), len(prompt) + len(response), cfg.eps, g))
+    c = model.config
+    input_ids, layout, rows, cols, targets, weights = build_micro_batch(
+        docs, noises, c.block_size, c.mask_token_id, c.eos_token_id, cfg.row_len, docs_in_batch)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        logits = masked_logits(model, input_ids.to(device), layout, rows, cols)  # [M, V]
+    targets, weights = targets.to(device), weights.to(device)
+    loss = diffusion_loss(logits, targets, weights)
+    hits = (logits.argmax(-1) == targets).sum().item()
+    return loss, hits, len(targets), int((layout.doc >= 0).sum())
+
+
+def held_out_loss(model, docs, cfg, device, dtype):
+    """Mean diffusion loss and masked-token accuracy over held-out documents, fixed noise."""
+    model.eval()
+    totals = torch.zeros(3)
+    with torch.no_grad():
+        for start in range(0, len(docs), cfg.batch_size):
+            chunk = docs[start:start + cfg.batch_size]
+            positions = [-(start + j + 1) for j in range(len(chunk))]  # negative: never a training position
+            loss, hits, masked, _ = run_micro_batch(model, chunk, positions, cfg, len(docs), device, dtype)
+            totals += torch.tensor([loss.item(), hits, masked])
+    model.train()
+    return totals[0].item(), totals[1].item() / max(1, totals[2].item())
+
+
+def main(cfg):
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world, device = attention.init_distributed(cfg.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    run = Path(cfg.run)
+    save_dir = run / "sft"
+    if cfg.overlong not in ("skip", "truncate"):
+        raise ValueError(f"--overlong must be 'skip' or 'truncate', not {cfg.overlong!r}")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"--batch-size {cfg.batch_size} must divide into {world} processes x {cfg.grad_accum} micro-batches")
+    trainer_state = None
+    if cfg.resume and (save_dir / "trainer_state.pt").is_file():
+        trainer_state = torch.load(save_dir / "trainer_state.pt", weights_only=True)
+        changed = {k: (v, getattr(cfg, k)) for k, v in trainer_state["config"].items()
+                   if k not in RUN_FIELDS and v != getattr(cfg, k)}
+        if changed:
+            raise ValueError(f"{save_dir}: saved with other settings {changed} (saved, now); resume with the same ones")
+    elif not cfg.resume and (save_dir.exists() or (run / "policy").exists()):
+        raise ValueError(f"{run} already holds an SFT run; pass --resume to continue it or choose another --run")
+
+    model, tokenizer = attention.load_model(str(save_dir) if trainer_state else cfg.model, attn=cfg.attn, seed=cfg.seed)
+    block_size = cfg.block_size or model.config.block_size
+    if cfg.max_len % block_size:
+        raise ValueError(f"--max-len {cfg.max_len} is not a multiple of the block size {block_size}")
+    model.config.block_size = block_size
+    instruction = model.config.instruction if cfg.instruction == "auto" else cfg.instruction
+    model.config.instruction = instruction
+    docs, overlong = load_documents(cfg.data, tokenizer, instruction, block_size, cfg.max_len, cfg.overlong)
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    held_out = [docs[i] for i in order[:cfg.eval_docs]]
+    train = [docs[i] for i in order[cfg.eval_docs:]]
+    if not train:
+        raise ValueError(f"{cfg.data}: no training documents left ({len(docs)} usable, {cfg.eval_docs} held out, {overlong} overlong)")
+    total_steps = math.ceil(cfg.epochs * len(train) / cfg.batch_size) if cfg.epochs > 0 else cfg.steps
+
+    model.to(device)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    if world > 1:
+        attention.shard_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+    start = 0
+    if trainer_state:
+        attention.load_optimizer_state(model, optimizer, trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        start = trainer_state["step"]
+    if rank == 0:
+        attention.write_atomic(run / "config" / "sft.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        params = sum(p.numel() for p in model.parameters())
+        print(f"sft: {cfg.model} ({params / 1e6:.2f}M params, block {block_size}) on {world} x {device}; "
+              f"{len(train)} train / {len(held_out)} held-out docs from {cfg.data}; "
+              f"{overlong} longer than {cfg.max_len} tokens {'skipped' if cfg.overlong == 'skip' else 'truncated'}; "
+              f"steps {start} -> {total_steps}")
+
+    def save(step):
+        model_sd, optim_sd = attention.full_state(model, optimizer)  # a collective: every process
+        if rank == 0:
+            state = {"step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "config": dataclasses.asdict(cfg)}
+            attention.save_checkpoint(model, tokenizer, save_dir, state_dict=model_sd, trainer_state=state)
+        return model_sd
+
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="sft", disable=rank != 0)
+    t0, tokens_since = time.time(), 0
+    for step in bar:
+        mine = stream_docs(step, cfg.batch_size, len(train), cfg.seed)[rank::world]
+        per_micro = len(mine) // cfg.grad_accum
+        stats = torch.zeros(4)  # loss, hits, masked tokens, row tokens
+        for m in range(cfg.grad_accum):
+            part = mine[m * per_micro:(m + 1) * per_micro]
+            loss, hits, masked, tokens = run_micro_batch(
+                model, [train[d] for _, d in part], [i for i, _ in part], cfg, cfg.batch_size, device, dtype)
+            loss.backward()
+            stats += torch.tensor([loss.item(), hits, masked, tokens])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"step {step}: gradient norm {grad_norm.item()}; nothing saved past step {start}")
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            torch.distributed.all_reduce(stats)
+        tokens_since += stats[3].item()
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            elapsed, t0 = time.time() - t0, time.time()
+            record = {"stage": "sft", "step": done, "loss": stats[0].item(), "acc": stats[1].item() / max(1, stats[2].item()),
+                      "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since / elapsed}
+            tokens_since = 0
+            if rank == 0:
+                attention.append_metrics(run, record)
+                bar.write(f"step {done:>5}/{total_steps} | loss {record['loss']:.4f} | acc {record['acc']:.3f} | "
+                          f"lr {lr:.2e} | grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s")
+        if done % cfg.save_every == 0 and done < total_steps:
+            save(done)
+    bar.close()
+
+    model_sd = save(total_steps)
+    if held_out:
+        loss, acc = held_out_loss(model, held_out, cfg, device, dtype)
+        if rank == 0:
+            attention.append_metrics(run, {"stage": "sft", "step": total_steps, "held_out_loss": loss, "held_out_acc": acc})
+            print(f"held-out ({len(held_out)} docs): diffusion loss {loss:.4f}, masked-token accuracy {acc:.3f}")
+    if rank == 0:
+        attention.save_checkpoint(model, tokenizer, attention.policy_dir(run, 0), state_dict=model_sd)
+        attention.publish_policy(run, 0)
+        print(f"wrote {attention.policy_dir(run, 0)}; exact-match accuracy on the test split:\n"
+              f"  python rollout.py --policy {attention.policy_dir(run, 0)} --data data/arith_test.jsonl "
+              f"--num-prompts 0 --group-size 1 --out {run}/eval/sft.jsonl && python eval.py {run}/eval/sft.jsonl")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(attention.parse_config(Config, description=__doc__))
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")

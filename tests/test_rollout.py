@@ -1,0 +1,237 @@
+"""rollout.py: the KV-cached sampler equals a recompute-everything reference, every recorded
+logprob is the model's in the state its step_map implies, the commit rules, stops, and the
+script's files and refusals."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+import attention
+import rollout
+
+PROMPT_LENGTHS = [5, 8, 11, 3, 14]  # mixed, including whole blocks (8) and a prompt shorter than a block (3)
+
+
+@pytest.fixture(scope="module")
+def stopping_model():
+    """The tiny model with a boosted eos row in its LM head, so that some samples stop early
+    and some run to the length limit."""
+    model, tokenizer = attention.load_model("tiny", seed=1)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] *= 12
+    return model.eval(), tokenizer
+
+
+def sampler_cfg(**kw):
+    base = dict(strategy="low_confidence_dynamic", threshold=0.05, denoising_steps=4, temperature=1.0,
+                top_k=0, top_p=1.0, max_new_tokens=16)
+    return rollout.Config(**{**base, **kw})
+
+
+def prompts_of(lengths):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(4, 100, (n,), generator=g).tolist() for n in lengths]
+
+
+def generators(n, seed=0):
+    return [torch.Generator().manual_seed(seed * 1000 + i) for i in range(n)]
+
+
+@torch.no_grad()
+def reference_generate(model, prompt, generator, cfg, stop_ids):
+    """Recompute everything: every step runs the whole sequence (prompt, committed blocks, the
+    current block) under the clean block-causal rule, without a cache, one sequence at a time."""
+    b, mask_id = model.config.block_size, model.config.mask_token_id
+    start = len(prompt) // b * b  # position of the first block that still has room
+    done, block = list(prompt[:start]), list(prompt[start:]) + [mask_id] * (b - len(prompt) + start)
+    out = dict(response_ids=[], step_map=[], logprobs=[], finish="length")
+    while True:
+        masked = torch.tensor([[t == mask_id for t in block]])
+        new = masked[0].clone()
+        to_commit = masked.sum(-1)
+        step_map, logprobs, step = [-1] * b, [0.0] * b, 0
+        while masked.any():
+            seq = torch.tensor([done + block])
+            length = seq.shape[1]
+            logits = attention.forward_layout(model, seq, attention.make_layout([[(length, 0, length)]], b))[:, -b:]
+            uniforms = torch.rand(b, generator=generator)[None]
+            tokens, confidence, logp = rollout.sample_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms)
+            quota = torch.tensor([rollout.static_quota(to_commit.item(), cfg.denoising_steps, step)])
+            commit = rollout.choose_commits(confidence, masked, cfg.strategy, cfg.threshold, quota)[0]
+            for i in commit.nonzero().flatten().tolist():
+                block[i], step_map[i], logprobs[i] = tokens[0, i].item(), step, logp[0, i].item()
+            masked[0] &= ~commit
+            step += 1
+        for i in new.nonzero().flatten().tolist():
+            out["response_ids"].append(block[i])
+            out["step_map"].append(step_map[i])
+            out["logprobs"].append(logprobs[i])
+        if any(block[i] in stop_ids for i in new.nonzero().flatten().tolist()):
+            out["finish"] = "stop"
+            return out
+        if len(out["response_ids"]) >= cfg.max_new_tokens:
+            return out
+        done, block = done + block, [mask_id] * b
+
+
+@pytest.mark.parametrize("strategy", rollout.STRATEGIES)
+def test_kv_cached_sampler_equals_recompute_everything(stopping_model, strategy):
+    model, tokenizer = stopping_model
+    cfg = sampler_cfg(strategy=strategy)
+    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)}
+    prompts = prompts_of(PROMPT_LENGTHS)
+    cached = rollout.generate(model, prompts, generators(len(prompts)), cfg, stop_ids)
+    for prompt, gen, got in zip(prompts, generators(len(prompts)), cached):
+        want = reference_generate(model, prompt, gen, cfg, stop_ids)
+        assert got["response_ids"] == want["response_ids"]
+        assert got["step_map"] == want["step_map"]
+        assert got["finish"] == want["finish"]
+        torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]), atol=1e-4, rtol=1e-4)
+    assert {r["finish"] for r in cached} == {"stop", "length"}  # both endings are exercised
+
+
+def test_records_do_not_depend_on_the_batch(stopping_model):
+    model, tokenizer = stopping_model
+    cfg, stop_ids = sampler_cfg(), {tokenizer.eos_token_id}
+    prompts = prompts_of(PROMPT_LENGTHS)
+    together = rollout.generate(model, prompts, generators(len(prompts)), cfg, stop_ids)
+    alone = [rollout.generate(model, [p], [g], cfg, stop_ids)[0] for p, g in zip(prompts, generators(len(prompts)))]
+    for a, b in zip(together, alone):
+        assert a["response_ids"] == b["response_ids"] and a["step_map"] == b["step_map"]
+
+
+def test_finished_sequences_stop_costing_compute(stopping_model):
+    model, tokenizer = stopping_model
+    cfg, stop_ids = sampler_cfg(max_new_tokens=40), {tokenizer.eos_token_id}
+    prompts = prompts_of(PROMPT_LENGTHS)
+    rows = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        results = rollout.generate(model, prompts, generators(len(prompts)), cfg, stop_ids)
+    finally:
+        hook.remove()
+    b = model.config.block_size
+    # blocks sit in the same columns for every sequence; a sequence takes part in a block's
+    # forwards (as many as the slowest sequence needs, plus one cache write) only while it is unfinished
+    steps_per_block = []  # per sequence: denoising steps it needed in each of its blocks
+    for p, r in zip(prompts, results):
+        first = -len(p) % b  # new tokens in the first block, which may be all prompt
+        sizes = [first] + [b] * ((len(r["response_ids"]) - first) // b)
+        cuts = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+        steps_per_block.append([max(r["step_map"][cuts[k]:cuts[k + 1]], default=-1) + 1 for k in range(len(sizes))])
+    expected = len(prompts)  # the prefill
+    for k in range(max(map(len, steps_per_block))):
+        alive = [s[k] for s in steps_per_block if k < len(s)]
+        expected += len(alive) * (max(alive) + 1)
+    assert sum(rows) == expected
+    assert any(r["finish"] == "stop" and len(r["response_ids"]) < 20 for r in results)
+
+
+def test_commit_rules():
+    conf = torch.tensor([[0.2, 0.95, 0.5, 0.91], [0.3, 0.1, 0.2, 0.05]])
+    masked = torch.tensor([[True, True, True, False], [False, True, True, True]])
+    dynamic = rollout.choose_commits(conf, masked, "low_confidence_dynamic", threshold=0.9)
+    assert dynamic.tolist() == [[False, True, False, False], [False, False, True, False]]  # above 0.9, or the best
+    static = rollout.choose_commits(conf, masked, "low_confidence_static", quota=torch.tensor([2, 1]))
+    assert static.tolist() == [[False, True, True, False], [False, False, True, False]]
+    sequential = rollout.choose_commits(conf, masked, "sequential")
+    assert sequential.tolist() == [[True, False, False, False], [False, True, False, False]]
+    assert [rollout.static_quota(7, 4, s) for s in range(4)] == [2, 2, 2, 1]
+    assert [rollout.static_quota(2, 4, s) for s in range(4)] == [1, 1, 0, 0]
+
+
+def test_sample_tokens_filters_and_reports_the_unfiltered_logprob():
+    logits = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]))
+    u = torch.tensor([[0.99]])
+    tok, conf, logp = rollout.sample_tokens(logits, 1.0, 0, 1.0, u)
+    assert tok.item() == 3 and conf.item() == pytest.approx(0.05) and logp.item() == pytest.approx(torch.log(torch.tensor(0.05)).item())
+    tok, conf, logp = rollout.sample_tokens(logits, 1.0, 2, 1.0, u)  # top-k 2: renormalised over 0.5, 0.3
+    assert tok.item() == 1 and conf.item() == pytest.approx(0.3 / 0.8) and logp.item() == pytest.approx(torch.log(torch.tensor(0.3)).item())
+    tok, _, _ = rollout.sample_tokens(logits, 1.0, 0, 0.7, u)  # top-p 0.7 keeps 0.5 and 0.3
+    assert tok.item() == 1
+    tok, conf, _ = rollout.sample_tokens(logits, 0.0, 0, 1.0, u)  # greedy
+    assert tok.item() == 0 and conf.item() == pytest.approx(0.5)
+    grid = ((torch.arange(1000) + 0.5) / 1000)[:, None]  # uniforms spread evenly reproduce the distribution
+    tok, _, _ = rollout.sample_tokens(logits.expand(1000, 1, 4), 1.0, 0, 1.0, grid)
+    assert torch.bincount(tok.flatten(), minlength=4).tolist() == [500, 300, 150, 50]
+
+
+# ----------------------------------------------------------------------------- records and the script
+
+
+@pytest.fixture(scope="module")
+def run_dir(stopping_model, tmp_path_factory):
+    model, tokenizer = stopping_model
+    run = tmp_path_factory.mktemp("run")
+    attention.save_checkpoint(model, tokenizer, attention.policy_dir(run, 3))
+    attention.publish_policy(run, 3)
+    return run
+
+
+def run_rollout(args):
+    return subprocess.run([sys.executable, str(ROOT / "rollout.py"), "--threads", "1", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_every_recorded_logprob_is_the_models_in_the_state_its_step_map_implies(run_dir, stopping_model):
+    model, tokenizer = stopping_model
+    cfg = rollout.Config(run=str(run_dir), num_prompts=3, group_size=2, threshold=0.05, max_new_tokens=12, threads=1)
+    rollout.main(cfg)
+    records = [json.loads(line) for line in (run_dir / "rollouts" / "step_000003.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(r["policy_step"] == 3 for r in records)
+    b, mask_id = model.config.block_size, model.config.mask_token_id
+    for r in records:
+        prompt, response = r["prompt_ids"], r["response_ids"]
+        assert (len(prompt) + len(response)) % b == 0 and all(0 <= s < b for s in r["step_map"])
+        full = prompt + response
+        for t, (token, step) in enumerate(zip(response, r["step_map"])):
+            pos = len(prompt) + t
+            block_start = pos // b * b
+            # prompt + earlier blocks clean; in this block, tokens of earlier steps revealed
+            state = full[:block_start] + [
+                full[q] if q < len(prompt) or r["step_map"][q - len(prompt)] < step else mask_id
+                for q in range(block_start, block_start + b)]
+            length = len(state)
+            with torch.no_grad():
+                logits = attention.forward_layout(model, torch.tensor([state]), attention.make_layout([[(length, 0, length)]], b))
+            logp = torch.log_softmax(logits[0, pos].float(), -1)[token].item()
+            assert logp == pytest.approx(r["logprobs"][t], abs=1e-4)
+        stop = rollout.stop_index(response, {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)})
+        assert r["text"] == tokenizer.decode(response[:stop])
+        assert r["finish"] == ("stop" if stop < len(response) else "length")
+        if r["finish"] == "stop":  # the record ends with the block that holds the stop token
+            assert (len(prompt) + stop) // b == (len(full) - 1) // b
+    # the same step again is refused; --force with the same seed writes the same records
+    again = run_rollout(["--run", run_dir, "--num-prompts", 3, "--group-size", 2, "--threshold", 0.05, "--max-new-tokens", 12])
+    assert again.returncode != 0 and "--force" in again.stderr
+    forced = run_rollout(["--run", run_dir, "--num-prompts", 3, "--group-size", 2, "--threshold", 0.05, "--max-new-tokens", 12, "--force"])
+    assert forced.returncode == 0, forced.stderr
+    assert [json.loads(line) for line in (run_dir / "rollouts" / "step_000003.jsonl").read_text().splitlines()] == records
+
+
+def test_bad_inputs_are_refused(run_dir, tmp_path):
+    missing = run_rollout(["--run", tmp_path / "nothing"])
+    assert missing.returncode != 0 and "no policy yet" in missing.stderr
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"question": "1+1", "ground_truth_answer": "2"}\n{"query": "2+2"}\n')
+    wrong_keys = run_rollout(["--run", run_dir, "--data", bad, "--out", tmp_path / "o.jsonl"])
+    assert wrong_keys.returncode != 0 and "prompts.jsonl:2: no question/answer keys" in wrong_keys.stderr
+    mismatch = run_rollout(["--run", run_dir, "--block-size", 8, "--out", tmp_path / "o.jsonl"])
+    assert mismatch.returncode != 0 and "--block-size 8 differs from the checkpoint's 4" in mismatch.stderr
+    no_mask = tmp_path / "no_mask"
+    model, tokenizer = attention.load_model("tiny")
+    attention.save_checkpoint(model, tokenizer, no_mask)
+    tok_json = (no_mask / "tokenizer.json").read_text().replace("<|MASK|>", "<|FOO|>")
+    (no_mask / "tokenizer.json").write_text(tok_json)
+    refused = run_rollout(["--policy", no_mask, "--out", tmp_path / "o.jsonl"])
+    assert refused.returncode != 0 and "no mask token" in refused.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_lmdeploy_engine_without_step_maps_is_refused(run_dir, tmp_path):
+    out = run_rollout(["--run", run_dir, "--engine", "lmdeploy", "--out", tmp_path / "o.jsonl"])
+    assert out.returncode != 0 and "--engine lmdeploy" in out.stderr and not (tmp_path / "o.jsonl").exists()

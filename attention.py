@@ -222,21 +222,41 @@ def backend_of(model):
     return {v: k for k, v in BACKENDS.items()}[model.config._attn_implementation]
 
 
-def forward_layout(model, input_ids, layout, logits_to_keep=0):
+def forward_layout(model, input_ids, layout, at=None):
     """Run a Qwen3ForCausalLM over a block-diffusion layout. input_ids [B, N] in layout order.
-    logits_to_keep: 0 = logits everywhere, or a 1-D index tensor of the positions that need
-    logits (the LM head is the biggest matmul with a real vocabulary). Returns the logits."""
+    at: None = logits at every position [B, N, V]; or (rows, cols), two [M] index tensors =
+    logits at those positions only [M, V]: the LM head, with a real vocabulary the biggest
+    matmul, then runs on exactly those hidden states."""
     device = input_ids.device
     mask = attention_mask_for(layout, backend_of(model), device, model.dtype)
-    masks = {layer_type: mask for layer_type in set(model.config.layer_types)}
     out = model(
         input_ids=input_ids,
-        attention_mask=masks,  # a dict is passed to the attention function untouched
+        attention_mask={layer_type: mask for layer_type in set(model.config.layer_types)},  # passed on untouched
         position_ids=layout.pos.to(device),
-        logits_to_keep=logits_to_keep,
+        logits_to_keep=0 if at is None else 1,  # with `at`, the model's own LM head runs on one position per row
+        output_hidden_states=at is not None,
         use_cache=False,
     )
-    return out.logits
+    if at is None:
+        return out.logits
+    rows, cols = at
+    return model.lm_head(out.hidden_states[-1][rows.to(device), cols.to(device)])  # hidden_states[-1]: after the final norm
+
+
+def pack_rows(sizes, row_len):
+    """First-fit decreasing: lists of indices whose sizes sum to at most row_len (a larger
+    item gets a row of its own)."""
+    rows, room = [], []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        for r, free in enumerate(room):
+            if sizes[i] <= free:
+                rows[r].append(i)
+                room[r] -= sizes[i]
+                break
+        else:
+            rows.append([i])
+            room.append(row_len - sizes[i])
+    return rows
 
 
 # ----------------------------------------------------------------------------- the text format
@@ -448,6 +468,7 @@ def shard_model(model):
 
     for layer in model.model.layers:
         fully_shard(layer)
+    fully_shard(model.lm_head)  # its own unit: forward_layout(at=...) calls it after the model's forward
     fully_shard(model)
     for module in model.modules():
         if isinstance(module, FSDPModule):

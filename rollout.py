@@ -307,7 +307,7 @@ def main(cfg):
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{cfg.data}: {e}") from None
     chosen = select_prompts(cfg.num_prompts, len(prompts), cfg.seed, step)
-    sampler = {"block_size": model.config.block_size, "strategy": cfg.strategy, "threshold": cfg.threshold,
+    sampler = {"block_size": model.config.block_size, "mask_token_id": model.config.mask_token_id, "strategy": cfg.strategy, "threshold": cfg.threshold,
                "denoising_steps": cfg.denoising_steps, "temperature": cfg.temperature, "top_k": cfg.top_k,
                "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "engine": cfg.engine, "seed": cfg.seed}
 

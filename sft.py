@@ -10,7 +10,7 @@ Writes runs/<run>/config/sft.json         the resolved config
        runs/<run>/policy/step_000000/     the final model, and policy/latest naming it
        runs/<run>/metrics.jsonl           one {"stage": "sft", ...} line per logged step
 
-Usage: python sft.py [--model tiny] [--data data/arith_sft.jsonl] [--run runs/arith] [--steps 600]
+Usage: python sft.py [--model tiny] [--data data/arith_sft.jsonl] [--run runs/arith] [--steps 1200]
        torchrun --nproc-per-node N -- sft.py ...  (FSDP2; gloo on CPU, nccl on CUDA; the "--" stops
                                                    torchrun from reading --run as its own --run-path)
 
@@ -19,7 +19,7 @@ The loss (DESIGN.md, "The SFT loss"; paper Sec. 3.1). A document is prompt + res
 it is how the model learns to stop). Per document draw t ~ U(0, 1), p = (1 - eps) t + eps, and
 mask each response token with probability p (never a prompt token). The model sees
 [x0 ; x_t] with attention.py's block-diffusion mask and predicts x0 at the masked positions of
-x_t (labels not shifted):
+x_t (labels not shifted; at least one token is masked, as in DiRL):
     loss(doc) = sum_{masked i} CE(x0_i | x_t) / p  /  (number of response tokens)
 and the step's loss is the mean over the documents of the global batch, however they are split
 into micro-batches and processes (each process divides by the global count, and FSDP sums).
@@ -57,7 +57,7 @@ class Config:
     model: str = flag("tiny", "'tiny' or a model dir (SDAR checkpoint or one of ours)")
     data: str = flag("data/arith_sft.jsonl", "SFT data: JSON list or JSONL of {messages} or {prompt, response}")
     run: str = flag("runs/arith", "run directory (created); see DESIGN.md for its layout")
-    steps: int = flag(600, "optimizer steps")
+    steps: int = flag(1200, "optimizer steps")
     epochs: float = flag(0.0, "if > 0, train this many passes over the data instead of --steps")
     batch_size: int = flag(32, "documents per optimizer step, summed over processes and micro-batches")
     grad_accum: int = flag(1, "micro-batches per optimizer step in each process")
@@ -89,11 +89,14 @@ class Config:
 
 def noise_document(prompt_len, length, eps, generator):
     """One document's noise: p = (1 - eps) t + eps with t ~ U(0, 1), and which positions are
-    masked ([length] bool); prompt positions never are."""
+    masked ([length] bool); prompt positions never are, and at least one response position is
+    (as DiRL does: a document without a masked token would add nothing)."""
     t = torch.rand((), generator=generator).item()
     p = (1 - eps) * t + eps
     masked = torch.zeros(length, dtype=torch.bool)
     masked[prompt_len:] = torch.rand(length - prompt_len, generator=generator) < p
+    if not masked.any():
+        masked[prompt_len + torch.randint(length - prompt_len, (), generator=generator)] = True
     return p, masked
 
 
@@ -101,22 +104,6 @@ def diffusion_loss(logits, targets, weights):
     """sum_i weights_i * CE(logits_i, targets_i); logits [M, V], targets [M], weights [M] with
     weight = 1 / (p * response tokens of the document) / documents in the global batch."""
     return (F.cross_entropy(logits.float(), targets, reduction="none") * weights).sum()
-
-
-def pack_rows(sizes, row_len):
-    """First-fit decreasing: lists of indices whose sizes sum to at most row_len (a larger
-    item gets a row of its own)."""
-    rows, room = [], []
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        for r, free in enumerate(room):
-            if sizes[i] <= free:
-                rows[r].append(i)
-                room[r] -= sizes[i]
-                break
-        else:
-            rows.append([i])
-            room.append(row_len - sizes[i])
-    return rows
 
 
 def build_micro_batch(docs, noises, block_size, mask_id, pad_id, row_len, docs_in_batch):
@@ -129,7 +116,7 @@ def build_micro_batch(docs, noises, block_size, mask_id, pad_id, row_len, docs_i
         noisy_from = len(prompt) // block_size * block_size
         starts.append(noisy_from)
         sizes.append(2 * (len(prompt) + len(response)) - noisy_from)
-    rows = pack_rows(sizes, row_len)
+    rows = attention.pack_rows(sizes, row_len)
     ids, spec, loss_rows, loss_cols, targets, weights = [], [], [], [], [], []
     for r, row in enumerate(rows):
         row_ids, row_spec = [], []
@@ -154,13 +141,6 @@ def build_micro_batch(docs, noises, block_size, mask_id, pad_id, row_len, docs_i
     layout = attention.make_layout(spec, block_size)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return input_ids, layout, as_long(loss_rows), as_long(loss_cols), as_long(targets), torch.tensor(weights)
-
-
-def masked_logits(model, input_ids, layout, loss_rows, loss_cols):
-    """Logits [M, V] at the loss tokens only: the LM head runs on the columns that hold one."""
-    cols = torch.unique(loss_cols)  # sorted
-    logits = attention.forward_layout(model, input_ids, layout, logits_to_keep=cols.to(input_ids.device))  # [B, K, V]
-    return logits[loss_rows.to(logits.device), torch.searchsorted(cols, loss_cols).to(logits.device)]
 
 
 def lr_factor(step, warmup_steps, total_steps, min_lr_ratio):
@@ -266,7 +246,7 @@ def run_micro_batch(model, docs, positions, cfg, docs_in_batch, device, dtype):
     input_ids, layout, rows, cols, targets, weights = build_micro_batch(
         docs, noises, c.block_size, c.mask_token_id, c.eos_token_id, cfg.row_len, docs_in_batch)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        logits = masked_logits(model, input_ids.to(device), layout, rows, cols)  # [M, V]
+        logits = attention.forward_layout(model, input_ids.to(device), layout, at=(rows, cols))  # [M, V]
     targets, weights = targets.to(device), weights.to(device)
     loss = diffusion_loss(logits, targets, weights)
     hits = (logits.argmax(-1) == targets).sum().item()
@@ -401,6 +381,7 @@ def main(cfg):
               f"  python rollout.py --policy {attention.policy_dir(run, 0)} --data data/arith_test.jsonl "
               f"--num-prompts 0 --group-size 1 --out {run}/eval/sft.jsonl && python eval.py {run}/eval/sft.jsonl")
     if world > 1:
+        torch.distributed.barrier()  # rank 0 is still writing; leaving early aborts the group
         torch.distributed.destroy_process_group()
 
 

@@ -170,15 +170,23 @@ def test_mask_is_cached_per_layout():
         assert attention.attention_mask_for(other, backend, "cpu") is not first
 
 
-def test_logits_to_keep_selects_positions(tiny):
+def test_logits_at_selected_positions_equal_full_logits(tiny):
     model, _ = tiny
-    layout = attention.make_layout([[(8, 1, 4)]], 4)
+    layout = attention.make_layout([[(8, 1, 4)], [(4, 1, 0), (4, 1, 4)]], 4)
     ids = torch.randint(4, model.config.vocab_size, layout.doc.shape, generator=torch.Generator().manual_seed(1))
-    keep = torch.tensor([8, 10, 11])
+    rows, cols = torch.tensor([0, 0, 1, 1, 0]), torch.tensor([8, 10, 2, 9, 11])
     with torch.no_grad():
         full = attention.forward_layout(model, ids, layout)
-        some = attention.forward_layout(model, ids, layout, logits_to_keep=keep)
-    torch.testing.assert_close(some, full[:, keep])
+        some = attention.forward_layout(model, ids, layout, at=(rows, cols))
+    torch.testing.assert_close(some, full[rows, cols])
+
+
+def test_pack_rows_fills_rows_and_keeps_big_items_alone():
+    rows = attention.pack_rows([5, 3, 9, 2, 20, 4], row_len=10)
+    assert sorted(i for row in rows for i in row) == list(range(6))
+    sizes = [5, 3, 9, 2, 20, 4]
+    assert all(sum(sizes[i] for i in row) <= 10 or len(row) == 1 for row in rows)
+    assert [4] in rows
 
 
 def write_sdar_dir(model, tokenizer, path, with_block_keys):

@@ -235,3 +235,29 @@ def test_bad_inputs_are_refused(run_dir, tmp_path):
 def test_lmdeploy_engine_without_step_maps_is_refused(run_dir, tmp_path):
     out = run_rollout(["--run", run_dir, "--engine", "lmdeploy", "--out", tmp_path / "o.jsonl"])
     assert out.returncode != 0 and "--engine lmdeploy" in out.stderr and not (tmp_path / "o.jsonl").exists()
+
+
+def lmdeploy_installed():
+    try:
+        import lmdeploy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sampler_equals_recompute_everything(stopping_model):
+    model, tokenizer = stopping_model
+    cfg, stop_ids = sampler_cfg(), {tokenizer.eos_token_id}
+    prompts = prompts_of(PROMPT_LENGTHS)
+    on_gpu = rollout.generate(model.to("cuda"), prompts, generators(len(prompts)), cfg, stop_ids)
+    model.to("cpu")
+    for prompt, gen, got in zip(prompts, generators(len(prompts)), on_gpu):
+        want = reference_generate(model, prompt, gen, cfg, stop_ids)
+        assert got["response_ids"] == want["response_ids"] and got["step_map"] == want["step_map"]
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and lmdeploy_installed()), reason="needs CUDA and lmdeploy")
+def test_lmdeploy_engine_returns_step_maps_or_says_why_not(run_dir, tmp_path):
+    out = run_rollout(["--run", run_dir, "--engine", "lmdeploy", "--out", tmp_path / "o.jsonl"])
+    assert out.returncode != 0 and ("step_map" in out.stderr or "not implemented" in out.stderr)

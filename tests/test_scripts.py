@@ -1,11 +1,13 @@
 """Every top-level script answers --help, and importing it has no side effects (DESIGN.md)."""
 
+import importlib
 import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
+from attention import parse_config
 
 SCRIPTS = sorted(p.name for p in ROOT.glob("*.py")) + ["data/arithmetic.py"]
 
@@ -22,3 +24,10 @@ def test_import_writes_nothing(module, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.json")))
+def test_shipped_configs_name_only_known_fields(config):
+    stage = importlib.import_module(config.split("_")[0])
+    cfg = parse_config(stage.Config, ["--config", str(ROOT / "configs" / config)])
+    assert cfg.run == "runs/sdar8b"

@@ -1,0 +1,384 @@
+"""dipo.py - one DiPO update: the unbiased GRPO of DiRL for blockwise diffusion LMs.
+
+Reads  runs/<run>/policy/latest (step k) and its checkpoint
+       runs/<run>/rollouts/step_<k>.jsonl   written by rollout.py from step k (DESIGN.md record)
+       runs/<run>/dipo_state.pt             optimizer state and step of the previous update, if any
+Writes runs/<run>/policy/step_<k+1>/, then dipo_state.pt, then policy/latest (each atomic, in that
+       order, so a killed update is redone or completed by the next call), and one
+       {"stage": "dipo", ...} line in metrics.jsonl
+Exit   0 = updated; 3 = nothing to learn from (every group had equal rewards): the policy is
+       carried over unchanged to step k+1 so the loop goes on; 1 = error (nothing written)
+
+Usage: python dipo.py --run runs/arith
+       the loop: python rollout.py --run runs/arith && python dipo.py --run runs/arith
+
+The objective (DESIGN.md, "DiPO"; paper Sec. 3.3, Eq. 6-8). Per prompt group of G responses,
+A_i = (r_i - mean(r)) / (std(r) + 1e-6) (population std), 0 when all rewards are equal. The
+sampler committed each response token at a denoising step s of its block (step_map); round s
+is the state in which every token with step_map >= s is still masked. A token committed in
+round s is scored in round s's state, where the sampler drew it:
+    ratio_t = exp(log pi_theta(x_t | state_s) - log pi_old(x_t | state_s))
+    loss_t  = -min(ratio_t A, clip(ratio_t, 1 - clip_low, 1 + clip_high) A) + beta k3(pi_ref, pi_theta)
+with k3 = exp(ref - new) - (ref - new) - 1. log pi_old is recomputed at step k's weights (the
+sampler's weights; its gap to the recorded logprobs is the train-inference mismatch, logged).
+"token" normalisation sums loss_t over the minibatch and divides by its token count;
+"sequence" averages each response's tokens, then the responses. Both counts are global
+(every process reads the whole file), so micro-batches and processes do not change the
+gradient.
+
+One forward for all rounds: each response becomes [clean copy ; noisy copy of round s_1 ; ... ]
+(only rounds that commit something; noisy copies start at the first response block), run
+once with attention.py's mask; the LM head runs only at the tokens each round scores.
+
+How this differs from the paper's code: DiRL/TraceRL run one forward per round; here all
+rounds share one (tests/test_dipo.py checks the logprobs and gradient are the same). The
+paper's loop runs several optimizer steps per rollout batch; --ppo-epochs and --minibatches
+do that. The learning rate is constant (no scheduler), as in DiRL's RL recipe.
+"""
+
+import dataclasses
+import io
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import attention
+from attention import flag
+
+NOTHING_TO_LEARN = 3
+RECORD_KEYS = ("policy_step", "prompt_id", "prompt_ids", "response_ids", "step_map", "logprobs", "reward", "sampler")
+
+
+@dataclass
+class Config:
+    run: str = flag("runs/arith", "run directory (DESIGN.md layout)")
+    lr: float = flag(3e-5, "AdamW learning rate (constant)")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)")
+    clip_low: float = flag(0.2, "PPO clip: ratio >= 1 - clip_low")
+    clip_high: float = flag(0.28, "PPO clip: ratio <= 1 + clip_high (DAPO's clip-higher)")
+    beta: float = flag(0.0, "weight of the k3 KL penalty to the reference policy")
+    ref: str = flag("", "reference policy dir for --beta > 0 (default: runs/<run>/policy/step_000000)")
+    loss_norm: str = flag("token", "'token': sum / tokens in the minibatch; 'sequence': mean over responses of their token mean")
+    dapo_filter: bool = flag(False, "drop groups whose rewards are all equal (they have zero advantage anyway)")
+    ppo_epochs: int = flag(1, "passes over the rollouts")
+    minibatches: int = flag(1, "optimizer steps per pass")
+    micro_batch_size: int = flag(16, "responses per forward")
+    row_len: int = flag(256, "tokens per packed row (a response with all its rounds larger than this gets a row of its own)")
+    dtype: str = flag("float32", "compute dtype: float32, or bfloat16 (autocast)")
+    device: str = flag("auto", "auto (cuda if present), cpu or cuda")
+    attn: str = flag("auto", "attention backend: auto (flex on CUDA, else sdpa), flex, sdpa, eager")
+    seed: int = flag(0, "seed of the minibatch shuffle")
+    threads: int = flag(0, "torch CPU threads (0 = torch's default)")
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+def group_advantages(rewards, groups):
+    """A_i = (r_i - mean) / (std + 1e-6) within each group (population std); 0 for all-equal groups."""
+    by_group = defaultdict(list)
+    for i, g in enumerate(groups):
+        by_group[g].append(i)
+    adv = [0.0] * len(rewards)
+    for members in by_group.values():
+        r = torch.tensor([float(rewards[i]) for i in members], dtype=torch.float64)
+        if r.max() > r.min():
+            a = (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
+            for i, v in zip(members, a.tolist()):
+                adv[i] = v
+    return adv
+
+
+def rounds_of(prompt_ids, response_ids, step_map, mask_id, block_size, rounds=None):
+    """The packed sequence of one response: [clean copy ; one noisy copy per round that commits
+    a token] (or only `rounds`). Round s masks every response token with step_map >= s. Returns
+    (tokens, the make_layout doc spec (length, rounds, noisy_from), and per scored token
+    (column, token id, index in the response))."""
+    clean = list(prompt_ids) + list(response_ids)
+    length, prompt_len = len(clean), len(prompt_ids)
+    noisy_from = prompt_len // block_size * block_size
+    rounds = sorted(set(step_map)) if rounds is None else rounds
+    tokens, scored = list(clean), []
+    for s in rounds:
+        offset = len(tokens) - noisy_from  # column of position 0 in this copy
+        for pos in range(noisy_from, length):
+            hidden = pos >= prompt_len and step_map[pos - prompt_len] >= s
+            tokens.append(mask_id if hidden else clean[pos])
+            if pos >= prompt_len and step_map[pos - prompt_len] == s:
+                scored.append((offset + pos, clean[pos], pos - prompt_len))
+    return tokens, (length, len(rounds), noisy_from), scored
+
+
+def build_batch(records, mask_id, block_size, pad_id, row_len, rounds=None):
+    """Pack responses into rows. Returns input_ids [B, N], the Layout, and per scored token:
+    row, column, token id, record index, index in the response."""
+    built = [rounds_of(r["prompt_ids"], r["response_ids"], r["step_map"], mask_id, block_size, rounds) for r in records]
+    rows = attention.pack_rows([len(tokens) for tokens, _, _ in built], row_len)
+    ids, spec, out = [], [], defaultdict(list)
+    for row_index, row in enumerate(rows):
+        row_ids, row_spec = [], []
+        for i in row:
+            tokens, doc, scored = built[i]
+            for col, token, t in scored:
+                for key, v in zip(("row", "col", "token", "record", "index"), (row_index, len(row_ids) + col, token, i, t)):
+                    out[key].append(v)
+            row_ids += tokens
+            row_spec.append(doc)
+        ids.append(row_ids)
+        spec.append(row_spec)
+    width = max(len(r) for r in ids)
+    input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in ids])  # [B, N]
+    return input_ids, attention.make_layout(spec, block_size), {k: torch.tensor(v) for k, v in out.items()}
+
+
+def token_logprobs(model, batch, device, dtype, with_entropy=False):
+    """log pi(token | its round's state) for every scored token [M] (and the entropy of pi there)."""
+    input_ids, layout, where = batch
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        logits = attention.forward_layout(model, input_ids.to(device), layout, at=(where["row"], where["col"]))  # [M, V]
+    logp_all = torch.log_softmax(logits.float(), -1)
+    logp = logp_all.gather(-1, where["token"].to(device)[:, None])[:, 0]
+    if not with_entropy:
+        return logp
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def dipo_token_loss(logp, logp_old, adv, clip_low, clip_high, logp_ref=None, beta=0.0):
+    """Per-token clipped surrogate (+ beta * k3 KL to the reference). Returns (loss [M], clipped [M])."""
+    ratio = torch.exp(logp - logp_old)
+    clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
+    surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)
+    loss = -surrogate
+    if beta:
+        log_r = logp_ref - logp
+        loss = loss + beta * (torch.exp(log_r) - log_r - 1)
+    return loss, (ratio * adv) != surrogate
+
+
+def token_weights(response_lengths, total_tokens, total_responses, loss_norm):
+    """Weight of each scored token (response_lengths [M]: the length of its response) in the
+    minibatch loss: 'token' = 1 / tokens in the minibatch, 'sequence' = 1 / (responses in the
+    minibatch x its response's length). The totals are the minibatch's, not the micro-batch's."""
+    if loss_norm == "token":
+        return torch.full(response_lengths.shape, 1.0 / total_tokens)
+    if loss_norm == "sequence":
+        return 1.0 / (total_responses * response_lengths.double())
+    raise ValueError(f"--loss-norm {loss_norm!r}: choose token or sequence")
+
+
+# ----------------------------------------------------------------------------- I/O
+
+
+def read_rollouts(path, step, block_size, mask_id):
+    """Records of rollouts/step_<k>.jsonl, checked against the policy that will be trained."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no rollouts for policy step {step} (run rollout.py first)")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        where = f"{path}:{n}"
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e.msg}); a partial file? rerun rollout.py --force") from None
+        missing = [k for k in RECORD_KEYS if k not in r]
+        if missing:
+            raise ValueError(f"{where}: missing keys {missing}")
+        if r["policy_step"] != step:
+            raise ValueError(f"{where}: sampled by policy step {r['policy_step']}, but the policy is at step {step} (stale rollouts)")
+        if r["sampler"].get("block_size") != block_size or r["sampler"].get("mask_token_id", mask_id) != mask_id:
+            raise ValueError(f"{where}: sampled with block size {r['sampler'].get('block_size')} and mask token "
+                             f"{r['sampler'].get('mask_token_id')}, the policy has {block_size} and {mask_id}")
+        n_resp = len(r["response_ids"])
+        if len(r["step_map"]) != n_resp or len(r["logprobs"]) != n_resp or not n_resp \
+                or (len(r["prompt_ids"]) + n_resp) % block_size or not all(0 <= s < block_size for s in r["step_map"]):
+            raise ValueError(f"{where}: response_ids, step_map and logprobs must be equally long, non-empty, end on a "
+                             f"block boundary and have steps in [0, {block_size})")
+        records.append(r)
+    if not records:
+        raise ValueError(f"{path}: empty")
+    return records
+
+
+def save_torch_atomic(obj, path):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    attention.write_atomic(path, buffer.getvalue())
+
+
+def main(cfg):
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world, device = attention.init_distributed(cfg.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    run, timing, t_start = Path(cfg.run), defaultdict(float), time.time()
+    step, policy = attention.latest_policy(run)
+    state_path = run / "dipo_state.pt"
+    state = torch.load(state_path, weights_only=True) if state_path.is_file() else None
+    if state and state["step"] == step + 1 and (attention.policy_dir(run, step + 1) / "config.json").is_file():
+        if rank == 0:  # killed after saving the update but before moving latest: finish that
+            attention.publish_policy(run, step + 1)
+            print(f"dipo: step {step + 1} was already written; policy/latest now names it")
+        return 0
+
+    if rank == 0:
+        attention.write_atomic(run / "config" / "dipo.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    t = time.time()
+    model, tokenizer = attention.load_model(str(policy), dtype=torch.float32, device=device, attn=cfg.attn)
+    c = model.config
+    records = read_rollouts(run / "rollouts" / f"step_{step:06d}.jsonl", step, c.block_size, c.mask_token_id)
+    timing["io"] += time.time() - t
+    rewards = [r["reward"] for r in records]
+    adv = group_advantages(rewards, [r["prompt_id"] for r in records])
+    kept = [i for i, a in enumerate(adv) if a != 0.0] if cfg.dapo_filter else list(range(len(records)))
+    groups = len({r["prompt_id"] for r in records})
+    with_signal = len({records[i]["prompt_id"] for i, a in enumerate(adv) if a})
+    log = {"stage": "dipo", "step": step + 1, "reward": sum(rewards) / len(rewards),
+           "reward_std": torch.tensor(rewards, dtype=torch.float64).std(unbiased=False).item(),
+           "groups": groups, "groups_with_signal": with_signal, "groups_kept": with_signal if cfg.dapo_filter else groups}
+    if not any(adv[i] for i in kept):
+        if rank == 0:
+            attention.save_checkpoint(model, tokenizer, attention.policy_dir(run, step + 1))
+            save_torch_atomic({**(state or {}), "step": step + 1}, state_path)
+            attention.publish_policy(run, step + 1)
+            attention.append_metrics(run, {**log, "updated": False})
+            print(f"dipo step {step + 1}: no group has a learning signal (all rewards equal within every group); "
+                  f"policy carried over unchanged")
+        return NOTHING_TO_LEARN
+
+    records = [records[i] for i in kept]
+    adv = torch.tensor([adv[i] for i in kept])
+    model.train()
+    if world > 1:
+        attention.shard_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    if state and "optimizer" in state:
+        attention.load_optimizer_state(model, optimizer, state["optimizer"])
+    ref = None
+    if cfg.beta:
+        ref_dir = cfg.ref or attention.policy_dir(run, 0)
+        ref, _ = attention.load_model(str(ref_dir), dtype=torch.float32, device=device, attn=cfg.attn)
+        ref.eval()
+
+    # Minibatches over all records, then this process's micro-batches; the same split every epoch.
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + step)).tolist()
+    minibatches = [order[m::cfg.minibatches] for m in range(cfg.minibatches)]
+    plan = []  # per minibatch: (record indices, real?, packed batch) per micro-batch
+    for mb in minibatches:
+        micro_count = max(1, math.ceil(len(mb) / (cfg.micro_batch_size * world)))
+        chunks = [mb[j::micro_count * world] for j in range(micro_count * world)][rank::world]
+        chunks = [(chunk or mb[:1], bool(chunk)) for chunk in chunks]  # every process runs as many; an empty one with weight 0
+        plan.append([(chunk, real, build_batch([records[i] for i in chunk], c.mask_token_id, c.block_size,
+                                               c.eos_token_id, cfg.row_len)) for chunk, real in chunks])
+
+    # logp_old at step k's weights. Until the first optimizer step the weights are step k's, so
+    # the first minibatch takes its own forward's values (detached): exactly equal, one forward
+    # saved. Later minibatches (--minibatches > 1) need theirs before any step, and the
+    # reference's are computed once.
+    t = time.time()
+    old, ref_logp, mismatch = {}, {}, []
+    with torch.no_grad():
+        for m, micro in enumerate(plan):
+            for j, (_, _, batch) in enumerate(micro):
+                if m > 0:
+                    old[m, j] = token_logprobs(model, batch, device, dtype)
+                if ref is not None:
+                    ref_logp[m, j] = token_logprobs(ref, batch, device, dtype)
+    timing["forward"] += time.time() - t
+
+    stats = defaultdict(float)
+    bar = tqdm(total=cfg.ppo_epochs * len(plan), desc=f"dipo step {step + 1}", disable=rank != 0)
+    for epoch in range(cfg.ppo_epochs):
+        for m, micro in enumerate(plan):
+            mb_tokens = sum(len(records[i]["response_ids"]) for i in minibatches[m])
+            for j, (chunk, real, batch) in enumerate(micro):
+                where = batch[2]
+                t = time.time()
+                logp, entropy = token_logprobs(model, batch, device, dtype, with_entropy=True)
+                if (m, j) not in old:
+                    old[m, j] = logp.detach()
+                logp_old = old[m, j]
+                if epoch == 0 and real:  # the train-inference mismatch: step k's logprobs vs the sampler's
+                    recorded = [records[chunk[k]]["logprobs"][i] for k, i in zip(where["record"].tolist(), where["index"].tolist())]
+                    mismatch.append((logp_old.cpu() - torch.tensor(recorded)).abs())
+                owner = torch.tensor(chunk)[where["record"]]  # [M] record index of every scored token
+                loss_t, clipped = dipo_token_loss(logp, logp_old, adv[owner].to(device), cfg.clip_low, cfg.clip_high,
+                                                  ref_logp.get((m, j)), cfg.beta)
+                lengths = torch.tensor([len(records[i]["response_ids"]) for i in owner.tolist()])
+                w = token_weights(lengths, mb_tokens, len(minibatches[m]), cfg.loss_norm).to(device, torch.float32)
+                w = w if real else torch.zeros_like(w)
+                loss = (loss_t * w).sum()
+                timing["forward"] += time.time() - t
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"dipo step {step + 1}: loss is {loss.item()}; no checkpoint written")
+                t = time.time()
+                loss.backward()
+                timing["backward"] += time.time() - t
+                if real:
+                    with torch.no_grad():
+                        log_ratio = logp - logp_old
+                        stats["loss"] += loss.item()
+                        stats["tokens"] += len(logp)
+                        stats["clipped"] += clipped.sum().item()
+                        stats["approx_kl"] += (torch.exp(log_ratio) - 1 - log_ratio).sum().item()
+                        stats["entropy"] += entropy.sum().item()
+            t = time.time()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"dipo step {step + 1}: gradient norm {grad_norm.item()}; no checkpoint written")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            timing["optimizer"] += time.time() - t
+            stats["grad_norm"] = grad_norm.item()
+            bar.update(1)
+    bar.close()
+    mismatch = torch.cat(mismatch)
+    stats.update(mismatch_sum=mismatch.sum().item(), mismatch_count=len(mismatch), mismatch_max=mismatch.max().item())
+    if world > 1:  # each process summed its own share
+        summed = ("loss", "tokens", "clipped", "approx_kl", "entropy", "mismatch_sum", "mismatch_count")
+        totals = torch.tensor([stats[k] for k in summed], device=device, dtype=torch.float64)
+        torch.distributed.all_reduce(totals)
+        stats.update(zip(summed, totals.tolist()))
+        worst = torch.tensor(stats["mismatch_max"], device=device)
+        torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+        stats["mismatch_max"] = worst.item()
+
+    t = time.time()
+    model_sd, optim_sd = attention.full_state(model, optimizer)
+    if rank == 0:
+        attention.save_checkpoint(model, tokenizer, attention.policy_dir(run, step + 1), state_dict=model_sd)
+        save_torch_atomic({"step": step + 1, "optimizer": optim_sd, "config": dataclasses.asdict(cfg)}, state_path)
+        attention.publish_policy(run, step + 1)
+    timing["io"] += time.time() - t
+    tokens = max(1.0, stats["tokens"])
+    log.update({"updated": True, "loss": stats["loss"] / (cfg.ppo_epochs * cfg.minibatches), "clip_frac": stats["clipped"] / tokens,
+                "approx_kl": stats["approx_kl"] / tokens, "entropy": stats["entropy"] / tokens, "grad_norm": stats["grad_norm"],
+                "mismatch_mean": stats["mismatch_sum"] / stats["mismatch_count"], "mismatch_max": stats["mismatch_max"],
+                "tokens_per_s": tokens / max(1e-9, timing["forward"] + timing["backward"]),
+                "seconds": time.time() - t_start, **{f"time_{k}": v for k, v in timing.items()}})
+    if rank == 0:
+        attention.append_metrics(run, log)
+        print(f"dipo step {step + 1} | reward {log['reward']:.3f} ± {log['reward_std']:.3f} | groups kept {log['groups_kept']}/{groups} | "
+              f"loss {log['loss']:+.4f} | clip {log['clip_frac']:.3f} | kl {log['approx_kl']:.2e} | entropy {log['entropy']:.3f} | "
+              f"grad norm {log['grad_norm']:.3f} | mismatch mean {log['mismatch_mean']:.1e} max {log['mismatch_max']:.1e} | "
+              f"{log['tokens_per_s']:,.0f} tok/s | {log['seconds']:.1f} s "
+              f"(io {timing['io']:.1f}, fwd {timing['forward']:.1f}, bwd {timing['backward']:.1f}, opt {timing['optimizer']:.1f})")
+    if world > 1:
+        torch.distributed.barrier()  # rank 0 is still writing; leaving early aborts the group
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(attention.parse_config(Config, description=__doc__)))
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,355 @@
+"""dipo.py: the packed one-forward scoring equals one forward per round, the objective on hand
+numbers, invariance to micro-batching and processes, unbiasedness on an enumerable toy, and the
+script in the loop (refusals, resume after a kill)."""
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+import attention
+import dipo
+import rollout
+
+MASK = 3
+
+
+def per_round_logprobs(model, record, mask_id, block_size):
+    """The reference, as DiRL/TraceRL do it: one forward per round over [clean ; that round's
+    state], full logits; the logprob of every response token in the round that committed it."""
+    prompt, response, step_map = record["prompt_ids"], record["response_ids"], record["step_map"]
+    clean = prompt + response
+    length, noisy_from = len(clean), len(prompt) // block_size * block_size
+    out = torch.zeros(len(response))
+    for s in sorted(set(step_map)):
+        noisy = [mask_id if q >= len(prompt) and step_map[q - len(prompt)] >= s else clean[q] for q in range(noisy_from, length)]
+        layout = attention.make_layout([[(length, 1, noisy_from)]], block_size)
+        logits = attention.forward_layout(model, torch.tensor([clean + noisy]), layout)[0]  # [N, V]
+        logp = torch.log_softmax(logits.float(), -1)
+        for t, st in enumerate(step_map):
+            if st == s:
+                col = length + len(prompt) + t - noisy_from
+                out = out.index_put((torch.tensor([t]),), logp[col, response[t]][None])
+    return out
+
+
+def random_records(n, seed=0, block_size=4):
+    g = torch.Generator().manual_seed(seed)
+    records = []
+    for i in range(n):
+        prompt = torch.randint(4, 100, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
+        first = -len(prompt) % block_size
+        length = first + block_size * int(torch.randint(1, 4, (1,), generator=g))
+        response = torch.randint(4, 100, (length,), generator=g).tolist()
+        step_map = []
+        for start in range(0, length, block_size) if first == 0 else [0] + list(range(first, length, block_size)):
+            size = first if start == 0 and first else block_size
+            steps = torch.randint(0, size, (size,), generator=g)
+            steps = steps - steps.min()  # a block's steps start at 0
+            step_map += steps.tolist()
+        records.append({"prompt_ids": prompt, "response_ids": response, "step_map": step_map[:length]})
+    return records
+
+
+def test_packed_forward_equals_one_forward_per_round():
+    model, _ = attention.load_model("tiny", seed=4)
+    records = random_records(6)
+    batch = dipo.build_batch(records, MASK, 4, 0, row_len=200)
+    assert batch[0].shape[0] > 1  # several rows, several documents per row
+    packed = dipo.token_logprobs(model, batch, torch.device("cpu"), torch.float32)
+    where = batch[2]
+    coef = torch.randn(len(packed), generator=torch.Generator().manual_seed(1))
+    (packed * coef).sum().backward()
+    grad_packed = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad()
+    reference = [per_round_logprobs(model, r, MASK, 4) for r in records]
+    mine = torch.stack([reference[r][t] for r, t in zip(where["record"].tolist(), where["index"].tolist())])
+    torch.testing.assert_close(packed, mine, atol=1e-5, rtol=1e-5)
+    assert sorted(zip(where["record"].tolist(), where["index"].tolist())) == \
+        [(i, t) for i, r in enumerate(records) for t in range(len(r["response_ids"]))]  # every token scored once
+    (mine * coef).sum().backward()
+    grad_reference = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(grad_packed, grad_reference, atol=1e-5, rtol=1e-4)
+
+
+def test_rounds_skip_rounds_that_commit_nothing_and_prompt_only_blocks():
+    tokens, spec, scored = dipo.rounds_of([10, 11, 12, 13, 14], [20, 21, 22], [2, 0, 2], MASK, 4)
+    assert spec == (8, 2, 4)  # rounds 0 and 2 only; noisy copies start at position 4
+    assert tokens == [10, 11, 12, 13, 14, 20, 21, 22] + [14, MASK, MASK, MASK] + [14, MASK, 21, MASK]
+    assert scored == [(10, 21, 1), (13, 20, 0), (15, 22, 2)]
+
+
+def test_group_advantages_and_equal_groups():
+    adv = dipo.group_advantages([1, 0, 0, 1, 1, 1, 0, 0], ["a", "a", "a", "a", "b", "b", "c", "c"])
+    a = 0.5 / (0.5 + 1e-6)  # (r - mean) = +-0.5, population std 0.5
+    assert adv[:4] == pytest.approx([a, -a, -a, a], rel=1e-12)
+    assert adv[4:] == [0.0] * 4
+
+
+def test_clipping_on_each_side_and_k3():
+    logp_old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5]))  # ratios 1.5, 1.5, 0.5, 0.5
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, clipped = dipo.dipo_token_loss(logp, logp_old, adv, 0.2, 0.28)
+    # A > 0: min(1.5, 1.28) -> clipped high; A < 0: min(-1.5, -1.28) = -1.5 unclipped;
+    # A > 0: min(0.5, 0.8) = 0.5 unclipped; A < 0: min(-0.5, -0.8) -> clipped low
+    assert loss.tolist() == pytest.approx([-1.28, 1.5, -0.5, 0.8])
+    assert clipped.tolist() == [True, False, False, True]
+    logp_ref = torch.log(torch.tensor([1.0, 3.0, 0.5, 0.25]))
+    with_kl, _ = dipo.dipo_token_loss(logp, logp_old, adv, 0.2, 0.28, logp_ref, beta=0.1)
+    d = logp_ref - logp
+    k3 = torch.exp(d) - d - 1  # e.g. ref/new = 2: 2 - ln 2 - 1
+    assert k3[1].item() == pytest.approx(2 - math.log(2) - 1)
+    assert (with_kl - loss).tolist() == pytest.approx((0.1 * k3).tolist(), abs=1e-6)
+
+
+def test_token_weights_sum_to_the_normalised_mean():
+    lengths = torch.tensor([2, 2, 3, 3, 3])  # two responses, of 2 and 3 tokens
+    assert dipo.token_weights(lengths, 5, 2, "token").sum().item() == pytest.approx(1.0)
+    assert dipo.token_weights(lengths, 5, 2, "sequence").tolist() == pytest.approx([0.25, 0.25, 1 / 6, 1 / 6, 1 / 6])
+
+
+# ----------------------------------------------------------------------------- unbiasedness on a toy
+
+
+def toy_model():
+    """Vocabulary of 4 (3 = mask), block size 2, one layer: every trajectory is enumerable."""
+    config = Qwen3Config(vocab_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=8, intermediate_size=32, max_position_embeddings=16, tie_word_embeddings=False,
+                         block_size=2, mask_token_id=MASK, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(7)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)  # a sharply context-dependent toy
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def reward(response):
+    return 1.0 if response[0] == response[1] else 0.0
+
+
+def test_dipo_gradient_is_unbiased_on_an_enumerable_toy_and_one_step_is_not():
+    """Sequential sampler (a schedule independent of the model): E[DiPO gradient] is the exact
+    gradient of the expected reward; a d1-style estimator (every token scored from the fully
+    masked state) is not."""
+    model = toy_model()
+    params = list(model.parameters())
+    prompt = [0, 1]
+
+    def logp_in(seq, position):  # log pi(. | seq) at `position`, clean block-causal rule
+        layout = attention.make_layout([[(len(seq), 0, len(seq))]], 2)
+        return torch.log_softmax(attention.forward_layout(model, torch.tensor([seq]), layout)[0, position].float(), -1)
+
+    # exact: J = sum over trajectories (x0 then x1) of p(x0 | M M) p(x1 | x0 M) r(x0, x1)
+    first = logp_in(prompt + [MASK, MASK], 2)
+    expected = 0.0
+    for x0 in range(4):
+        second = logp_in(prompt + [x0, MASK], 3)
+        for x1 in range(4):
+            expected = expected + torch.exp(first[x0] + second[x1]) * reward([x0, x1])
+    exact = torch.autograd.grad(expected, params)
+    exact = torch.cat([g.flatten() for g in exact])
+
+    n, group, chunks = 4096, 8, 16
+    cfg = rollout.Config(strategy="sequential", temperature=1.0, max_new_tokens=2)
+    gens = [torch.Generator().manual_seed(10_000 + i) for i in range(n)]
+    results = rollout.generate(model, [prompt] * n, gens, cfg, stop_ids=set())
+    records = [{"prompt_ids": prompt, **r} for r in results]
+    rewards = torch.tensor([reward(r["response_ids"]) for r in records])
+    adv = rewards.view(-1, group) - rewards.view(-1, group).mean(1, keepdim=True)  # group baseline, no std scaling
+    adv = adv.flatten() * group / (group - 1)  # E[(r - group mean) score] = (1 - 1/G) grad J
+
+    def estimate(one_step):
+        out = []
+        for c in range(chunks):
+            part = records[c * n // chunks:(c + 1) * n // chunks]
+            a = adv[c * n // chunks:(c + 1) * n // chunks]
+            if one_step:  # every token from the fully masked block
+                logp = torch.stack([logp_in(prompt + [MASK, MASK], 2)[r["response_ids"][0]] + logp_in(prompt + [MASK, MASK], 3)[r["response_ids"][1]]
+                                    for r in part])
+                objective = (a * logp).mean()
+            else:
+                batch = dipo.build_batch(part, MASK, 2, 0, row_len=512)
+                logp = dipo.token_logprobs(model, batch, torch.device("cpu"), torch.float32)
+                objective = (a[batch[2]["record"]] * logp).sum() / len(part)  # = mean of A * log p(trajectory)
+            out.append(torch.cat([g.flatten() for g in torch.autograd.grad(objective, params)]))
+        out = torch.stack(out)
+        return out.mean(0), out.std(0) / math.sqrt(chunks)
+
+    for one_step, bound in ((False, None), (True, None)):
+        mean, se = estimate(one_step)
+        # squared error in units of the estimator's own standard error, averaged over coordinates:
+        # about 1 for an unbiased estimator, large for a biased one
+        z2 = (((mean - exact) / se.clamp(min=1e-12)) ** 2).mean().item()
+        if one_step:
+            assert z2 > 20, f"the one-step estimator should be visibly biased (z2 = {z2:.2f})"
+        else:
+            assert z2 < 2.0, f"DiPO should match the exact gradient within its standard error (z2 = {z2:.2f})"
+            cos = torch.nn.functional.cosine_similarity(mean, exact, dim=0).item()
+            assert cos > 0.9
+
+
+# ----------------------------------------------------------------------------- the script
+
+
+def run_dipo(run, *args, **kw):
+    return subprocess.run([sys.executable, str(ROOT / "dipo.py"), "--run", str(run), "--threads", "1", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def make_run(path, seed=0):
+    """A run at policy step 0 (the tiny model) with rollouts whose rewards alternate inside each
+    group (a random model never answers right; dipo trusts the reward field)."""
+    model, tokenizer = attention.load_model("tiny", seed=seed)
+    attention.save_checkpoint(model, tokenizer, attention.policy_dir(path, 0))
+    attention.publish_policy(path, 0)
+    sample(path, 0)
+    return path
+
+
+def sample(run, step):
+    rollout.main(rollout.Config(run=str(run), num_prompts=4, group_size=4, max_new_tokens=12, threshold=0.05, threads=1))
+    path = run / "rollouts" / f"step_{step:06d}.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, r in enumerate(records):
+        r["reward"] = float(i % 2)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"dipo"' in line]
+
+
+def test_update_at_the_sampling_weights_has_no_mismatch_and_ratio_one(tmp_path):
+    run = make_run(tmp_path / "r")
+    out = run_dipo(run)
+    assert out.returncode == 0, out.stderr
+    m = metrics(run)[-1]
+    assert m["updated"] and m["step"] == 1
+    assert m["mismatch_max"] < 1e-4
+    assert m["approx_kl"] == 0.0 and m["clip_frac"] == 0.0  # one on-policy step: every ratio is exactly 1
+    assert attention.latest_policy(run)[0] == 1
+    assert torch.load(run / "dipo_state.pt", weights_only=True)["step"] == 1
+    again = run_dipo(run)  # the same k again: its rollouts are gone with the step, so it says so
+    assert again.returncode != 0 and "no rollouts for policy step 1" in again.stderr
+    sample(run, 1)  # two minibatches: the second one's logp_old comes from a pass before any step
+    assert run_dipo(run, "--minibatches", 2, "--ppo-epochs", 2).returncode == 0 and attention.latest_policy(run)[0] == 2
+    m = metrics(run)[-1]
+    assert m["mismatch_max"] < 1e-4 and m["approx_kl"] > 0.0
+
+
+def test_gradient_is_the_same_for_any_micro_batch_and_two_processes(tmp_path):
+    base = make_run(tmp_path / "base")
+    runs = {}
+    for name, extra in (("mb16", ["--micro-batch-size", 16]), ("mb1", ["--micro-batch-size", 1]),
+                        ("seq16", ["--loss-norm", "sequence"]), ("seq1", ["--loss-norm", "sequence", "--micro-batch-size", 1])):
+        runs[name] = tmp_path / name
+        shutil.copytree(base, runs[name])
+        out = run_dipo(runs[name], *extra)
+        assert out.returncode == 0, out.stderr
+    runs["two"] = tmp_path / "two"
+    shutil.copytree(base, runs["two"])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--"]
+    out = subprocess.run(torchrun + [str(ROOT / "dipo.py"), "--run", str(runs["two"]), "--threads", "1", "--micro-batch-size", "3"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = {name: metrics(run)[-1] for name, run in runs.items()}
+    for a, b in (("mb16", "mb1"), ("mb16", "two"), ("seq16", "seq1")):
+        assert m[a]["loss"] == pytest.approx(m[b]["loss"], rel=1e-4, abs=1e-7)
+        assert m[a]["grad_norm"] == pytest.approx(m[b]["grad_norm"], rel=1e-4)
+    assert m["mb16"]["grad_norm"] != pytest.approx(m["seq16"]["grad_norm"], rel=1e-3)  # the norms really differ
+    w = {name: load_file(run / "policy" / "step_000001" / "model.safetensors") for name, run in runs.items()}
+    # Adam's first step moves each weight by about lr * sign(gradient), so a coordinate whose
+    # gradient is ~0 can move by up to lr (3e-5) on float noise alone: a third of that is the bar
+    for name in w["mb16"]:
+        torch.testing.assert_close(w["two"][name], w["mb16"][name], atol=1e-5, rtol=0)
+
+
+def test_stale_and_mismatched_rollouts_are_refused(tmp_path):
+    run = make_run(tmp_path / "r")
+    path = run / "rollouts" / "step_000000.jsonl"
+    good = path.read_text()
+    records = [json.loads(line) for line in good.splitlines()]
+    path.write_text("".join(json.dumps({**r, "policy_step": 5}) + "\n" for r in records))
+    out = run_dipo(run)
+    assert out.returncode == 1 and "stale rollouts" in out.stderr
+    path.write_text("".join(json.dumps({**r, "sampler": {**r["sampler"], "block_size": 8}}) + "\n" for r in records))
+    out = run_dipo(run)
+    assert out.returncode == 1 and "block size 8" in out.stderr
+    path.write_text(good[: len(good) // 2])
+    out = run_dipo(run)
+    assert out.returncode == 1 and "not JSON" in out.stderr
+    assert not attention.policy_dir(run, 1).exists() and attention.latest_policy(run)[0] == 0
+
+
+def test_all_equal_rewards_carry_the_policy_over_with_exit_code_3(tmp_path):
+    run = make_run(tmp_path / "r")
+    path = run / "rollouts" / "step_000000.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "reward": 1.0}) + "\n" for r in records))
+    out = run_dipo(run, "--dapo-filter")
+    assert out.returncode == dipo.NOTHING_TO_LEARN and "no group has a learning signal" in out.stdout
+    assert attention.latest_policy(run)[0] == 1 and metrics(run)[-1]["updated"] is False
+    a = load_file(attention.policy_dir(run, 0) / "model.safetensors")
+    b = load_file(attention.policy_dir(run, 1) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_update_is_redone_or_completed(tmp_path):
+    run = make_run(tmp_path / "r")
+    reference = tmp_path / "ref"
+    shutil.copytree(run, reference)
+    assert run_dipo(reference).returncode == 0
+    # kill as soon as the new checkpoint appears, before or after dipo_state.pt is written
+    proc = subprocess.Popen([sys.executable, str(ROOT / "dipo.py"), "--run", str(run), "--threads", "1"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not attention.policy_dir(run, 1).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = run_dipo(run)
+    assert out.returncode == 0, out.stderr
+    assert attention.latest_policy(run)[0] == 1
+    a = load_file(attention.policy_dir(run, 1) / "model.safetensors")
+    b = load_file(attention.policy_dir(reference, 1) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a state file that says the update finished but latest not moved: completed, not redone
+    (run / "policy" / "latest").write_text("step_000000\n")
+    out = run_dipo(run)
+    assert out.returncode == 0 and "already written" in out.stdout and attention.latest_policy(run)[0] == 1
+
+
+def test_sft_rollout_dipo_twice_as_subprocesses(tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join((ROOT / "data/arith_sft.jsonl").read_text().splitlines()[:40]) + "\n")
+    run = tmp_path / "run"
+
+    def stage(script, *args):
+        return subprocess.run([sys.executable, str(ROOT / script), "--run", str(run), "--threads", "1", *map(str, args)],
+                              capture_output=True, text=True, cwd=ROOT)
+
+    out = stage("sft.py", "--data", data, "--steps", 5, "--batch-size", 4, "--eval-docs", 4)
+    assert out.returncode == 0, out.stderr
+    for k in (0, 1):
+        out = stage("rollout.py", "--num-prompts", 2, "--group-size", 2, "--max-new-tokens", 8)
+        assert out.returncode == 0, out.stderr
+        records = [json.loads(line) for line in (run / "rollouts" / f"step_{k:06d}.jsonl").read_text().splitlines()]
+        assert len(records) == 4 and {r["policy_step"] for r in records} == {k}
+        out = stage("dipo.py")
+        assert out.returncode in (0, dipo.NOTHING_TO_LEARN), out.stderr
+        assert attention.latest_policy(run)[0] == k + 1
+    stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert stages.count("rollout") == 2 and stages.count("dipo") == 2 and "sft" in stages
+    assert {p.name for p in (run / "config").iterdir()} >= {"sft.json", "rollout.json", "dipo.json"}

@@ -165,6 +165,7 @@ def generate(model, prompts, generators, cfg, stop_ids):
     ids = ids.to(device)  # [B, width]: padding, prompt, then masks up to the block boundary
     ids.masked_fill_(torch.arange(width, device=device)[None] < pad[:, None], model.config.eos_token_id)
     layer_types = set(model.config.layer_types)
+    rows = torch.arange(len(prompts), device=device)  # the prompts still being sampled
 
     def forward(tokens, start, mask, cache):
         positions = torch.arange(start, start + tokens.shape[1], device=device)[None] - pad[rows, None]
@@ -172,7 +173,6 @@ def generate(model, prompts, generators, cfg, stop_ids):
                     attention_mask={t: mask for t in layer_types})
         return out.logits
 
-    rows = torch.arange(len(prompts), device=device)  # the prompts still being sampled
     results = [dict(response_ids=[], step_map=[], logprobs=[], finish="length", forwards=0) for _ in prompts]
     cache = DynamicCache()
     start = width - b  # first column of the current block
@@ -182,7 +182,6 @@ def generate(model, prompts, generators, cfg, stop_ids):
     while len(rows):
         masked = block == mask_id  # [B', b]
         first_masked = masked.clone()
-        steps_per_block = cfg.denoising_steps
         to_commit = masked.sum(-1)
         step_map = torch.full_like(block, -1)
         logprobs = torch.zeros(block.shape, device=device)
@@ -195,7 +194,7 @@ def generate(model, prompts, generators, cfg, stop_ids):
                 uniforms[j] = torch.rand(b, generator=generators[rows[j]])
             uniforms = uniforms.to(device)
             tokens, confidence, logp = sample_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms)
-            quota = torch.tensor([static_quota(n, steps_per_block, step) for n in to_commit.tolist()], device=device)
+            quota = torch.tensor([static_quota(n, cfg.denoising_steps, step) for n in to_commit.tolist()], device=device)
             commit = choose_commits(confidence, masked, cfg.strategy, cfg.threshold, quota)
             block = torch.where(commit, tokens, block)
             step_map = torch.where(commit, step, step_map)
@@ -235,10 +234,12 @@ def select_prompts(num_prompts, total, seed, step):
     stream through the file in a fresh seeded order every pass (0 = all, in file order)."""
     if num_prompts <= 0:
         return list(range(total))
-    out = []
+    orders, out = {}, []
     for i in range(step * num_prompts, (step + 1) * num_prompts):
         epoch, k = divmod(i, total)
-        out.append(torch.randperm(total, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))[k].item())
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(total, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        out.append(orders[epoch][k])
     return out
 
 

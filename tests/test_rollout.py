@@ -261,3 +261,9 @@ def test_cuda_sampler_equals_recompute_everything(stopping_model):
 def test_lmdeploy_engine_returns_step_maps_or_says_why_not(run_dir, tmp_path):
     out = run_rollout(["--run", run_dir, "--engine", "lmdeploy", "--out", tmp_path / "o.jsonl"])
     assert out.returncode != 0 and ("step_map" in out.stderr or "not implemented" in out.stderr)
+
+
+def test_prompt_selection_moves_on_with_the_policy_step():
+    seen = [i for step in range(5) for i in rollout.select_prompts(4, 20, seed=1, step=step)]
+    assert sorted(seen) == list(range(20))  # one pass over the file in 5 steps, no repeats
+    assert rollout.select_prompts(0, 7, seed=1, step=3) == list(range(7))

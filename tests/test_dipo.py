@@ -187,17 +187,19 @@ def test_dipo_gradient_is_unbiased_on_an_enumerable_toy_and_one_step_is_not():
         out = torch.stack(out)
         return out.mean(0), out.std(0) / math.sqrt(chunks)
 
-    for one_step, bound in ((False, None), (True, None)):
+    for one_step in (False, True):
         mean, se = estimate(one_step)
-        # squared error in units of the estimator's own standard error, averaged over coordinates:
-        # about 1 for an unbiased estimator, large for a biased one
-        z2 = (((mean - exact) / se.clamp(min=1e-12)) ** 2).mean().item()
+        # squared error in units of the estimator's own standard error, averaged over the
+        # coordinates it moves at all: about 1 for an unbiased estimator, large for a biased one
+        # (measured: DiPO 0.68, cosine 0.9986 with the exact gradient; one-step 2.5e5, cosine 0.85)
+        live = se > 1e-9
+        z2 = (((mean - exact)[live] / se[live]) ** 2).mean().item()
+        cos = torch.nn.functional.cosine_similarity(mean, exact, dim=0).item()
         if one_step:
-            assert z2 > 20, f"the one-step estimator should be visibly biased (z2 = {z2:.2f})"
+            assert z2 > 100 and cos < 0.95, f"the one-step estimator should be visibly biased (z2 = {z2:.2f}, cos {cos:.3f})"
         else:
-            assert z2 < 2.0, f"DiPO should match the exact gradient within its standard error (z2 = {z2:.2f})"
-            cos = torch.nn.functional.cosine_similarity(mean, exact, dim=0).item()
-            assert cos > 0.9
+            assert z2 < 2.0 and cos > 0.99, f"DiPO should match the exact gradient within its standard error (z2 = {z2:.2f})"
+            assert exact[~live].abs().max() < 1e-6  # what it never moves, the exact gradient does not move either
 
 
 # ----------------------------------------------------------------------------- the script

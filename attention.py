@@ -438,8 +438,31 @@ def publish_policy(run, step):
 
 
 def append_metrics(run, record):
+    Path(run).mkdir(parents=True, exist_ok=True)
     with open(Path(run) / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def record_invocation(run, stage, cfg):
+    """What reproduces this call from the run dir alone: config/<stage>.json (the resolved
+    config, usable as --config) and a metrics.jsonl line {"stage", "event": "start", "config",
+    "git_commit", "packages"}, so every invocation stays in the history."""
+    import importlib.metadata
+    import subprocess
+
+    config = dataclasses.asdict(cfg)
+    write_atomic(Path(run) / "config" / f"{stage}.json", json.dumps(config, indent=2))
+    here = Path(__file__).resolve().parent
+    git = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True, text=True)
+    packages = {}
+    for name in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "sympy", "tqdm"):
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    append_metrics(run, {"stage": stage, "event": "start", "config": config,
+                         "git_commit": git.stdout.strip() if git.returncode == 0 else None,
+                         "python": sys.version.split()[0], "packages": packages})
 
 
 # ----------------------------------------------------------------------------- many processes

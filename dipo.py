@@ -183,6 +183,8 @@ def read_rollouts(path, step, block_size, mask_id):
         raise FileNotFoundError(f"{path}: no rollouts for policy step {step} (run rollout.py first)")
     records = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
         where = f"{path}:{n}"
         try:
             r = json.loads(line)
@@ -229,7 +231,7 @@ def main(cfg):
         return 0
 
     if rank == 0:
-        attention.write_atomic(run / "config" / "dipo.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        attention.record_invocation(run, "dipo", cfg)
     t = time.time()
     model, tokenizer = attention.load_model(str(policy), dtype=torch.float32, device=device, attn=cfg.attn)
     c = model.config

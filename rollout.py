@@ -10,6 +10,9 @@ Writes runs/<run>/rollouts/step_<k>.jsonl, or --out FILE; one line per sampled r
 Usage: python rollout.py --run runs/arith [--num-prompts 64 --group-size 8]
        python rollout.py --policy DIR --data data/arith_test.jsonl --group-size 1 --out FILE
 
+An existing output file is kept, not overwritten (--force resamples), so rerunning a killed
+shell loop resumes it.
+
 The sampler (DESIGN.md, "The sampler"; paper Sec. 3.2). Blocks sit at absolute positions
 from 0, as in training; prompts are left-padded by whole blocks so that every prompt's last
 block ends in the same column, and that block's free positions are the first to generate.
@@ -33,7 +36,6 @@ returns step maps; here the sampler is plain PyTorch (any device), and --engine 
 accepted only when the installed LMDeploy can return the per-token step, never invented.
 """
 
-import dataclasses
 import hashlib
 import json
 import sys
@@ -293,8 +295,11 @@ def main(cfg):
     if cfg.engine == "lmdeploy":
         lmdeploy_engine(cfg)
     step, policy, out = output_path(cfg)
-    if out.exists() and not cfg.force:
-        raise ValueError(f"{out} exists (policy step {step} was already sampled); pass --force to overwrite it")
+    if out.exists() and not cfg.force:  # written atomically, so it is whole: a rerun loop moves on
+        print(f"rollout: {out} already exists (policy step {step} was sampled); keeping it (--force resamples)")
+        return
+    if not cfg.policy:
+        attention.record_invocation(cfg.run, "rollout", cfg)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     model, tokenizer = attention.load_model(str(policy), dtype=dtype, device=device, attn="sdpa")
@@ -346,7 +351,6 @@ def main(cfg):
                "truncated": sum(r["finish"] == "length" for r in records) / n, "seconds": seconds,
                "tokens_per_s": new_tokens / seconds}
     if not cfg.policy:
-        attention.write_atomic(Path(cfg.run) / "config" / "rollout.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         attention.append_metrics(cfg.run, summary)
     print(f"rollout step {step}: {len(records)} responses to {len(chosen)} prompts -> {out} | reward {summary['reward']:.3f} | "
           f"{summary['response_tokens']:.1f} tokens/response | {summary['tokens_per_forward']:.2f} tokens/forward | "

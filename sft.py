@@ -317,7 +317,7 @@ def main(cfg):
         scheduler.load_state_dict(trainer_state["scheduler"])
         start = trainer_state["step"]
     if rank == 0:
-        attention.write_atomic(run / "config" / "sft.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        attention.record_invocation(run, "sft", cfg)
         params = sum(p.numel() for p in model.parameters())
         print(f"sft: {cfg.model} ({params / 1e6:.2f}M params, block {block_size}) on {world} x {device}; "
               f"{len(train)} train / {len(held_out)} held-out docs from {cfg.data}; "

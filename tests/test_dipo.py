@@ -352,6 +352,10 @@ def test_sft_rollout_dipo_twice_as_subprocesses(tmp_path):
         out = stage("dipo.py")
         assert out.returncode in (0, dipo.NOTHING_TO_LEARN), out.stderr
         assert attention.latest_policy(run)[0] == k + 1
-    stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert stages.count("rollout") == 2 and stages.count("dipo") == 2 and "sft" in stages
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    starts = [m for m in lines if m.get("event") == "start"]
+    assert [m["stage"] for m in starts] == ["sft", "rollout", "dipo", "rollout", "dipo"]
+    assert all(m["config"]["run"] == str(run) and m["packages"]["torch"] and "git_commit" in m for m in starts)
+    steps = [m["stage"] for m in lines if "event" not in m]
+    assert steps.count("rollout") == 2 and steps.count("dipo") == 2 and "sft" in steps
     assert {p.name for p in (run / "config").iterdir()} >= {"sft.json", "rollout.json", "dipo.json"}

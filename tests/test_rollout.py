@@ -205,9 +205,11 @@ def test_every_recorded_logprob_is_the_models_in_the_state_its_step_map_implies(
         assert r["finish"] == ("stop" if stop < len(response) else "length")
         if r["finish"] == "stop":  # the record ends with the block that holds the stop token
             assert (len(prompt) + stop) // b == (len(full) - 1) // b
-    # the same step again is refused; --force with the same seed writes the same records
+    # the same step again keeps the file; --force with the same seed writes the same records
+    path = run_dir / "rollouts" / "step_000003.jsonl"
+    path.write_text(path.read_text() + "\n")  # a marker: a rewrite would drop it
     again = run_rollout(["--run", run_dir, "--num-prompts", 3, "--group-size", 2, "--threshold", 0.05, "--max-new-tokens", 12])
-    assert again.returncode != 0 and "--force" in again.stderr
+    assert again.returncode == 0 and "keeping it" in again.stdout and path.read_text().endswith("\n\n")
     forced = run_rollout(["--run", run_dir, "--num-prompts", 3, "--group-size", 2, "--threshold", 0.05, "--max-new-tokens", 12, "--force"])
     assert forced.returncode == 0, forced.stderr
     assert [json.loads(line) for line in (run_dir / "rollouts" / "step_000003.jsonl").read_text().splitlines()] == records

@@ -124,7 +124,10 @@ def common(tmp_path, run, steps=30):
 
 
 def metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    """The logged steps (each invocation's "start" line, with its config, left out)."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["event"] == "start" and lines[0]["config"]["run"] == str(run)
+    return [m for m in lines if "event" not in m]
 
 
 def test_a_short_run_writes_a_checkpoint_that_loads(tmp_path):

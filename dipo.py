@@ -12,11 +12,11 @@ Exit   0 = updated; 3 = nothing to learn from (every group had equal rewards): t
 Usage: python dipo.py --run runs/arith
        the loop: python rollout.py --run runs/arith && python dipo.py --run runs/arith
 
-The objective (DESIGN.md, "DiPO"; paper Sec. 3.3, Eq. 6-8). Per prompt group of G responses,
-A_i = (r_i - mean(r)) / (std(r) + 1e-6) (population std), 0 when all rewards are equal. The
-sampler committed each response token at a denoising step s of its block (step_map); round s
-is the state in which every token with step_map >= s is still masked. A token committed in
-round s is scored in round s's state, where the sampler drew it:
+The objective (DESIGN.md, "DiPO"; the DiPO recipe in PAPER.md). Per prompt group of G
+responses, A_i = (r_i - mean(r)) / (std(r) + 1e-6) (population std), 0 when all rewards are
+equal. The sampler committed each response token at a denoising step s of its block (step_map);
+round s is the state in which every token with step_map >= s is still masked. A token committed
+in round s is scored in round s's state, where the sampler drew it:
     ratio_t = exp(log pi_theta(x_t | state_s) - log pi_old(x_t | state_s))
     loss_t  = -min(ratio_t A, clip(ratio_t, 1 - clip_low, 1 + clip_high) A) + beta k3(pi_ref, pi_theta)
 with k3 = exp(ref - new) - (ref - new) - 1. log pi_old is recomputed at step k's weights (the
@@ -31,9 +31,10 @@ One forward for all rounds: each response becomes [clean copy ; noisy copy of ro
 once with attention.py's mask; the LM head runs only at the tokens each round scores.
 
 How this differs from the paper's code: DiRL/TraceRL run one forward per round; here all
-rounds share one (tests/test_dipo.py checks the logprobs and gradient are the same). The
-paper's loop runs several optimizer steps per rollout batch; --ppo-epochs and --minibatches
-do that. The learning rate is constant (no scheduler), as in DiRL's RL recipe.
+rounds share one (tests/test_dipo.py checks the logprobs and gradient are the same). DiRL's
+public code makes one on-policy update per rollout batch, so its ratio is always 1 and the
+clip never acts; that is our default too, and --ppo-epochs / --minibatches allow more passes,
+where they do act. The learning rate is constant (no scheduler), as in DiRL's RL recipe.
 """
 
 import dataclasses

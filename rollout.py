@@ -13,9 +13,10 @@ Usage: python rollout.py --run runs/arith [--num-prompts 64 --group-size 8]
 An existing output file is kept, not overwritten (--force resamples), so rerunning a killed
 shell loop resumes it.
 
-The sampler (DESIGN.md, "The sampler"; paper Sec. 3.2). Blocks sit at absolute positions
-from 0, as in training; prompts are left-padded by whole blocks so that every prompt's last
-block ends in the same column, and that block's free positions are the first to generate.
+The sampler (DESIGN.md, "The sampler"; "Rollout engine" in PAPER.md). Blocks sit at
+absolute positions from 0, as in training; prompts are left-padded by whole blocks so that
+every prompt's last block ends in the same column, and that block's free positions are the
+first to generate.
 The prompts are prefilled into a KV cache once. Then, block by block, every denoising step
 runs only the current block against the cache, draws a token at every masked position
 (temperature, top-k, top-p) and commits some of them:

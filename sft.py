@@ -14,12 +14,12 @@ Usage: python sft.py [--model tiny] [--data data/arith_sft.jsonl] [--run runs/ar
        torchrun --nproc-per-node N -- sft.py ...  (FSDP2; gloo on CPU, nccl on CUDA; the "--" stops
                                                    torchrun from reading --run as its own --run-path)
 
-The loss (DESIGN.md, "The SFT loss"; paper Sec. 3.1). A document is prompt + response +
-"<|im_end|>\\n", padded with eos to a multiple of the block size b (the padding is trained on:
-it is how the model learns to stop). Per document draw t ~ U(0, 1), p = (1 - eps) t + eps, and
-mask each response token with probability p (never a prompt token). The model sees
-[x0 ; x_t] with attention.py's block-diffusion mask and predicts x0 at the masked positions of
-x_t (labels not shifted; at least one token is masked, as in DiRL):
+The loss (DESIGN.md, "The SFT loss"; the SFT recipe in PAPER.md). A document is prompt +
+response + "<|im_end|>\\n", padded with eos to a multiple of the block size b (the padding is
+trained on: it is how the model learns to stop). Per document draw t ~ U(0, 1),
+p = (1 - eps) t + eps, and mask each response token with probability p (never a prompt
+token). The model sees [x0 ; x_t] with attention.py's block-diffusion mask and predicts x0 at
+the masked positions of x_t (labels not shifted; at least one token is masked, as in DiRL):
     loss(doc) = sum_{masked i} CE(x0_i | x_t) / p  /  (number of response tokens)
 and the step's loss is the mean over the documents of the global batch, however they are split
 into micro-batches and processes (each process divides by the global count, and FSDP sums).

@@ -40,10 +40,12 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -447,9 +449,6 @@ def record_invocation(run, stage, cfg):
     """What reproduces this call from the run dir alone: config/<stage>.json (the resolved
     config, usable as --config) and a metrics.jsonl line {"stage", "event": "start", "config",
     "git_commit", "packages"}, so every invocation stays in the history."""
-    import importlib.metadata
-    import subprocess
-
     config = dataclasses.asdict(cfg)
     write_atomic(Path(run) / "config" / f"{stage}.json", json.dumps(config, indent=2))
     here = Path(__file__).resolve().parent

@@ -439,6 +439,23 @@ def publish_policy(run, step):
     write_atomic(Path(run) / "policy" / "latest", f"step_{step:06d}\n")
 
 
+def data_stream(step, per_step, total, seed):
+    """The items of step `step`: positions step*per_step .. (step+1)*per_step - 1 of an endless
+    stream that visits items 0..total-1 in a fresh seeded order every pass. Returns (stream
+    position, item index) pairs. sft.py walks its documents this way (the position seeds a
+    document's noise), rollout.py its prompts."""
+    out = []
+    for i in range(step * per_step, (step + 1) * per_step):
+        epoch, k = divmod(i, total)
+        out.append((i, _epoch_order(total, seed, epoch)[k]))
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(total, seed, epoch):
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
 def append_metrics(run, record):
     Path(run).mkdir(parents=True, exist_ok=True)
     with open(Path(run) / "metrics.jsonl", "a") as f:

@@ -233,17 +233,11 @@ def stop_index(response_ids, stop_ids):
 
 
 def select_prompts(num_prompts, total, seed, step):
-    """Indices of the prompts for policy step `step`: the next num_prompts of an endless
-    stream through the file in a fresh seeded order every pass (0 = all, in file order)."""
+    """Indices of the prompts for policy step `step`: the next num_prompts of attention's data
+    stream, a fresh seeded order every pass through the file (0 = all, in file order)."""
     if num_prompts <= 0:
         return list(range(total))
-    orders, out = {}, []
-    for i in range(step * num_prompts, (step + 1) * num_prompts):
-        epoch, k = divmod(i, total)
-        if epoch not in orders:
-            orders[epoch] = torch.randperm(total, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-        out.append(orders[epoch][k])
-    return out
+    return [i for _, i in attention.data_stream(step, num_prompts, total, seed)]
 
 
 def sequence_seed(seed, step, prompt_id, sample):

@@ -34,7 +34,6 @@ How this differs from the paper's code:
 """
 
 import dataclasses
-import functools
 import json
 import math
 import sys
@@ -149,22 +148,6 @@ def lr_factor(step, warmup_steps, total_steps, min_lr_ratio):
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def stream_docs(step, batch_size, num_docs, seed):
-    """The documents of optimizer step `step`: positions step*B .. step*B+B-1 of an endless
-    stream that visits the training documents in a fresh seeded order every epoch.
-    Returns (stream position, doc index) pairs; the position seeds the document's noise."""
-    out = []
-    for i in range(step * batch_size, (step + 1) * batch_size):
-        epoch, k = divmod(i, num_docs)
-        out.append((i, epoch_order(num_docs, seed, epoch)[k]))
-    return out
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(num_docs, seed, epoch):
-    return torch.randperm(num_docs, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
 def noise_seed(seed, position):
@@ -334,7 +317,7 @@ def main(cfg):
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="sft", disable=rank != 0)
     t0, tokens_since = time.time(), 0
     for step in bar:
-        mine = stream_docs(step, cfg.batch_size, len(train), cfg.seed)[rank::world]
+        mine = attention.data_stream(step, cfg.batch_size, len(train), cfg.seed)[rank::world]
         per_micro = len(mine) // cfg.grad_accum
         stats = torch.zeros(4)  # loss, hits, masked tokens, row tokens
         for m in range(cfg.grad_accum):

@@ -54,7 +54,7 @@ def main():
     model_flops = attn_flops = tokens = 0
     elapsed = 0.0
     for step in range(args.steps + 3):  # 3 warm-up steps
-        mine = sft.stream_docs(step, cfg.batch_size, len(docs), cfg.seed)
+        mine = attention.data_stream(step, cfg.batch_size, len(docs), cfg.seed)
         batch, positions = [docs[d] for _, d in mine], [i for i, _ in mine]
         t = time.perf_counter()
         noises = [sft.noise_document(len(p), len(p) + len(r), cfg.eps, torch.Generator().manual_seed(i))

@@ -189,6 +189,12 @@ def test_pack_rows_fills_rows_and_keeps_big_items_alone():
     assert [4] in rows
 
 
+def test_data_stream_visits_every_item_once_per_pass():
+    seen = [d for s in range(5) for _, d in attention.data_stream(s, 4, 20, seed=3)]
+    assert sorted(seen) == list(range(20))
+    assert [i for i, _ in attention.data_stream(2, 4, 20, seed=3)] == [8, 9, 10, 11]
+
+
 def write_sdar_dir(model, tokenizer, path, with_block_keys):
     """An SDAR-format checkpoint as released: model_type "sdar", custom-code keys, Qwen3 weights."""
     attention.save_checkpoint(model, tokenizer, path)

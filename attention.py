@@ -47,6 +47,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,6 +244,25 @@ def forward_layout(model, input_ids, layout, at=None):
         return out.logits
     rows, cols = at
     return model.lm_head(out.hidden_states[-1][rows.to(device), cols.to(device)])  # hidden_states[-1]: after the final norm
+
+
+def sampling_logprobs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """log of the distribution the sampler draws from [..., V]: logits / temperature, then the
+    top-k tokens, then the smallest set holding top_p of the mass, renormalised; -inf outside.
+    Shared by rollout.py (which draws from it) and dipo.py --estimator exact (which scores
+    with it), so the two cannot drift apart. Differentiable in the logits: the kept sets are
+    piecewise constant. temperature 0 (greedy) is treated as 1 here; greedy has no gradient."""
+    scores = logits if logits.dtype == torch.float64 else logits.float()
+    scores = scores / temperature if temperature > 0 else scores
+    if top_k > 0:
+        kth = scores.topk(min(top_k, scores.shape[-1]), -1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    logq = torch.log_softmax(scores, -1)
+    if top_p < 1.0:
+        sorted_q, order = logq.exp().sort(-1, descending=True)
+        drop = sorted_q.cumsum(-1) - sorted_q >= top_p  # tokens after the mass is reached
+        logq = torch.log_softmax(logq.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf")), -1)
+    return logq
 
 
 def pack_rows(sizes, row_len):
@@ -459,7 +479,7 @@ def _epoch_order(total, seed, epoch):
 def append_metrics(run, record):
     Path(run).mkdir(parents=True, exist_ok=True)
     with open(Path(run) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")  # wall time: loop curves, time splits
 
 
 def record_invocation(run, stage, cfg):

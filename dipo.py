@@ -3,9 +3,9 @@
 Reads  runs/<run>/policy/latest (step k) and its checkpoint
        runs/<run>/rollouts/step_<k>.jsonl   written by rollout.py from step k (DESIGN.md record)
        runs/<run>/dipo_state.pt             optimizer state and step of the previous update, if any
-Writes runs/<run>/policy/step_<k+1>/, then dipo_state.pt, then policy/latest (each atomic, in that
-       order, so a killed update is redone or completed by the next call), and one
-       {"stage": "dipo", ...} line in metrics.jsonl
+Writes runs/<run>/policy/step_<k+1>/, one {"stage": "dipo", ...} line in metrics.jsonl, then
+       dipo_state.pt, then policy/latest (each atomic, in that order, so a killed update is redone
+       or completed by the next call; a kill just before dipo_state.pt repeats the metrics line)
 Exit   0 = updated; 3 = nothing to learn from (every group had equal rewards): the policy is
        carried over unchanged to step k+1 so the loop goes on; 1 = error (nothing written)
 
@@ -26,6 +26,23 @@ sampler's weights; its gap to the recorded logprobs is the train-inference misma
 (every process reads the whole file), so micro-batches and processes do not change the
 gradient.
 
+--estimator exact (beyond the paper; DESIGN.md, "What unbiased means here, exactly"). The
+loss above scores what the sampler kept, but a low_confidence step draws a token at every
+masked position and the rule then picks which to keep, so a trajectory's probability also
+holds, per step, the probability that the rule kept exactly that set. With q_j the sampling
+distribution at masked position j (temperature, top-k, top-p: attention.sampling_logprobs)
+and c the step's cutoff (the threshold; or, when no draw reached it or for the static rule,
+the least confidence kept), that factor is
+    S = prod over masked j not kept of  sum_{u : q_j(u) < c} q_j(u)
+with the token sets taken at the sampling weights (piecewise constant; the sums carry the
+gradient). exact scores kept tokens under q instead of pi at temperature 1, and adds one term
+per sampler step (round, block): log S with its own ratio exp(log S - log S_old), the same clip
+and advantage, weighted as one token of its response. At ratio 1 the gradient is then
+A * grad log P(trajectory) per response, the exact score function (tests/test_exact.py: equal
+to the true gradient to 1e-10 on a toy whose trajectories are all enumerated; plain DiPO is
+off there). `sequential` has S = 1. The forward then runs the LM head at every masked position
+of every round, not only the kept ones.
+
 One forward for all rounds: each response becomes [clean copy ; noisy copy of round s_1 ; ... ]
 (only rounds that commit something; noisy copies start at the first response block), run
 once with attention.py's mask; the LM head runs only at the tokens each round scores.
@@ -33,8 +50,11 @@ once with attention.py's mask; the LM head runs only at the tokens each round sc
 How this differs from the paper's code: DiRL/TraceRL run one forward per round; here all
 rounds share one (tests/test_dipo.py checks the logprobs and gradient are the same). DiRL's
 public code makes one on-policy update per rollout batch, so its ratio is always 1 and the
-clip never acts; that is our default too, and --ppo-epochs / --minibatches allow more passes,
-where they do act. The learning rate is constant (no scheduler), as in DiRL's RL recipe.
+clip never acts (--minibatches 1 here); our default splits the batch into 4 minibatches, one
+optimizer step each, where the ratio and the clip act from the second on: on the built-in task
+that learned faster per minute than one step (README, "Does it learn?"). The learning rate is
+constant (no scheduler), as in DiRL's RL recipe; the default 1e-4 suits the tiny model, the
+paper's 1e-6 is in configs/dipo_sdar8b.json.
 """
 
 import dataclasses
@@ -60,7 +80,7 @@ RECORD_KEYS = ("policy_step", "prompt_id", "prompt_ids", "response_ids", "step_m
 @dataclass
 class Config:
     run: str = flag("runs/arith", "run directory (DESIGN.md layout)")
-    lr: float = flag(3e-5, "AdamW learning rate (constant)")
+    lr: float = flag(1e-4, "AdamW learning rate (constant)")
     weight_decay: float = flag(0.0, "AdamW weight decay")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)")
     clip_low: float = flag(0.2, "PPO clip: ratio >= 1 - clip_low")
@@ -70,12 +90,17 @@ class Config:
     loss_norm: str = flag("token", "'token': sum / tokens in the minibatch; 'sequence': mean over responses of their token mean")
     dapo_filter: bool = flag(False, "drop groups whose rewards are all equal (they have zero advantage anyway)")
     ppo_epochs: int = flag(1, "passes over the rollouts")
-    minibatches: int = flag(1, "optimizer steps per pass")
+    minibatches: int = flag(4, "optimizer steps per pass (1 = DiRL's single on-policy step)")
     micro_batch_size: int = flag(16, "responses per forward")
     row_len: int = flag(256, "tokens per packed row (a response with all its rounds larger than this gets a row of its own)")
     dtype: str = flag("float32", "compute dtype: float32, or bfloat16 (autocast)")
     device: str = flag("auto", "auto (cuda if present), cpu or cuda")
     attn: str = flag("auto", "attention backend: auto (flex on CUDA, else sdpa), flex, sdpa, eager")
+    estimator: str = flag("dipo", "'dipo' (the paper's: kept tokens' logprobs) or 'exact' (adds the commit rule's selection "
+                                  "factor and scores under the sampling distribution; the docstring says why)")
+    diagnostics: bool = flag(True, "with --estimator exact: log the selection term's gradient norm relative to the token "
+                                   "term's, their cosine and each estimator's gradient noise (one more backward through "
+                                   "the selection term; one process only)")
     seed: int = flag(0, "seed of the minibatch shuffle")
     threads: int = flag(0, "torch CPU threads (0 = torch's default)")
 
@@ -98,11 +123,13 @@ def group_advantages(rewards, groups):
     return adv
 
 
-def rounds_of(prompt_ids, response_ids, step_map, mask_id, block_size, rounds=None):
+def rounds_of(prompt_ids, response_ids, step_map, mask_id, block_size, rounds=None, all_masked=False):
     """The packed sequence of one response: [clean copy ; one noisy copy per round that commits
     a token] (or only `rounds`). Round s masks every response token with step_map >= s. Returns
-    (tokens, the make_layout doc spec (length, rounds, noisy_from), and per scored token
-    (column, token id, index in the response))."""
+    (tokens, the make_layout doc spec (length, rounds, noisy_from), and per scored position
+    (column, token id, index in the response, round, block)). The scored positions are the
+    tokens each round commits, or with all_masked every masked position of every round (the
+    exact estimator's selection factor needs the distribution at the ones not kept too)."""
     clean = list(prompt_ids) + list(response_ids)
     length, prompt_len = len(clean), len(prompt_ids)
     noisy_from = prompt_len // block_size * block_size
@@ -113,23 +140,27 @@ def rounds_of(prompt_ids, response_ids, step_map, mask_id, block_size, rounds=No
         for pos in range(noisy_from, length):
             hidden = pos >= prompt_len and step_map[pos - prompt_len] >= s
             tokens.append(mask_id if hidden else clean[pos])
-            if pos >= prompt_len and step_map[pos - prompt_len] == s:
-                scored.append((offset + pos, clean[pos], pos - prompt_len))
+            if hidden and (all_masked or step_map[pos - prompt_len] == s):
+                scored.append((offset + pos, clean[pos], pos - prompt_len, s, pos // block_size))
     return tokens, (length, len(rounds), noisy_from), scored
 
 
-def build_batch(records, mask_id, block_size, pad_id, row_len, rounds=None):
-    """Pack responses into rows. Returns input_ids [B, N], the Layout, and per scored token:
-    row, column, token id, record index, index in the response."""
-    built = [rounds_of(r["prompt_ids"], r["response_ids"], r["step_map"], mask_id, block_size, rounds) for r in records]
+def build_batch(records, mask_id, block_size, pad_id, row_len, rounds=None, all_masked=False):
+    """Pack responses into rows. Returns input_ids [B, N], the Layout, and per scored position:
+    row, column, token id, record index, index in the response, kept (committed in that round)
+    and unit (a number per (record, round, block): the positions of one sampler step)."""
+    built = [rounds_of(r["prompt_ids"], r["response_ids"], r["step_map"], mask_id, block_size, rounds, all_masked)
+             for r in records]
     rows = attention.pack_rows([len(tokens) for tokens, _, _ in built], row_len)
-    ids, spec, out = [], [], defaultdict(list)
+    ids, spec, out, units = [], [], defaultdict(list), {}
     for row_index, row in enumerate(rows):
         row_ids, row_spec = [], []
         for i in row:
             tokens, doc, scored = built[i]
-            for col, token, t in scored:
-                for key, v in zip(("row", "col", "token", "record", "index"), (row_index, len(row_ids) + col, token, i, t)):
+            for col, token, t, s, block in scored:
+                values = (row_index, len(row_ids) + col, token, i, t, records[i]["step_map"][t] == s,
+                          units.setdefault((i, s, block), len(units)))
+                for key, v in zip(("row", "col", "token", "record", "index", "kept", "unit"), values):
                     out[key].append(v)
             row_ids += tokens
             row_spec.append(doc)
@@ -140,16 +171,60 @@ def build_batch(records, mask_id, block_size, pad_id, row_len, rounds=None):
     return input_ids, attention.make_layout(spec, block_size), {k: torch.tensor(v) for k, v in out.items()}
 
 
-def token_logprobs(model, batch, device, dtype, with_entropy=False):
-    """log pi(token | its round's state) for every scored token [M] (and the entropy of pi there)."""
+def forward_scores(model, batch, device, dtype, sampler=None):
+    """One packed forward. Returns log pi (temperature 1, unfiltered: what the sampler records)
+    of every kept token [K], pi's entropy there [K], and, given the sampler's settings, the
+    sampling distribution (attention.sampling_logprobs) at every scored position [N, V]."""
     input_ids, layout, where = batch
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        logits = attention.forward_layout(model, input_ids.to(device), layout, at=(where["row"], where["col"]))  # [M, V]
-    logp_all = torch.log_softmax(logits.float(), -1)
-    logp = logp_all.gather(-1, where["token"].to(device)[:, None])[:, 0]
-    if not with_entropy:
-        return logp
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
+        logits = attention.forward_layout(model, input_ids.to(device), layout, at=(where["row"], where["col"]))  # [N, V]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    kept = where["kept"].to(device)
+    logp_all = torch.log_softmax(logits[kept], -1)
+    logp = logp_all.gather(-1, where["token"].to(device)[kept][:, None])[:, 0]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    if sampler is None:
+        return logp, entropy, None
+    return logp, entropy, attention.sampling_logprobs(logits, sampler["temperature"], sampler["top_k"], sampler["top_p"])
+
+
+def token_logprobs(model, batch, device, dtype):
+    """log pi(token | its round's state) for every kept token [K]."""
+    return forward_scores(model, batch, device, dtype)[0]
+
+
+def flat_grads(params):
+    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params])
+
+
+def noise_to_signal(sum_of_squares, total, n):
+    """How noisy a gradient is that sums n independent parts (micro-batches): Var(total) /
+    |total|^2, with Var(total) = n s^2 and s^2 the parts' sample variance, from the sum of the
+    parts' squared norms. Only an estimate: parts that share a prompt group are not independent."""
+    total_sq = total.square().sum().item()
+    return n * (sum_of_squares - total_sq / n) / ((n - 1) * max(total_sq, 1e-30))
+
+
+def step_records(where):
+    """The record (index in the batch) of every sampler step [U]."""
+    return torch.zeros(int(where["unit"].max()) + 1, dtype=torch.long).scatter(0, where["unit"], where["record"])
+
+
+def exact_terms(logq, where, sampler, below):
+    """What the exact estimator takes ratios of: log q(token | its round's state) under the
+    sampling distribution for every kept token [K], and the selection factor's log for every
+    sampler step [U] (None for `sequential`, whose choice of position does not depend on the model)."""
+    kept, token = where["kept"].to(logq.device), where["token"].to(logq.device)
+    token_logq = logq[kept].gather(-1, token[kept][:, None])[:, 0]
+    if below is None:
+        return token_logq, None
+    return token_logq, selection_log_factor(logq, below, kept, where["unit"], int(where["unit"].max()) + 1)
+
+
+def k3(logp_ref, logp):
+    """The k3 estimator of KL(pi_theta || pi_ref) per token: exp(ref - new) - (ref - new) - 1."""
+    log_r = logp_ref - logp
+    return torch.exp(log_r) - log_r - 1
 
 
 def dipo_token_loss(logp, logp_old, adv, clip_low, clip_high, logp_ref=None, beta=0.0):
@@ -159,9 +234,39 @@ def dipo_token_loss(logp, logp_old, adv, clip_low, clip_high, logp_ref=None, bet
     surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)
     loss = -surrogate
     if beta:
-        log_r = logp_ref - logp
-        loss = loss + beta * (torch.exp(log_r) - log_r - 1)
+        loss = loss + beta * k3(logp_ref, logp)
     return loss, (ratio * adv) != surrogate
+
+
+def selection_sets(logq_old, token, kept, unit, num_units, strategy, threshold):
+    """For the exact estimator: at every masked position j of a sampler step, the tokens u whose
+    draw would have left j uncommitted, given what the step kept [N, V] bool. logq_old [N, V] is
+    the sampling distribution at the sampling weights (the sets are taken there: they are
+    piecewise constant in the weights, so they carry no gradient); token/kept/unit [N] as
+    build_batch gives them. The cutoff c of a step:
+      low_confidence_dynamic, some kept token had confidence >= threshold: c = threshold
+      low_confidence_dynamic, none did (the most confident draw was kept alone): c = its confidence
+      low_confidence_static (the quota's most confident draws were kept): c = the least kept confidence
+    and j stayed masked iff its draw had confidence < c (ties, a measure-zero event, aside)."""
+    if strategy not in ("low_confidence_dynamic", "low_confidence_static"):
+        raise ValueError(f"no selection factor for strategy {strategy!r}")
+    kept_conf = logq_old.gather(-1, token[:, None])[:, 0].exp()[kept]  # [K]
+    if strategy == "low_confidence_dynamic":
+        best = torch.zeros(num_units, dtype=kept_conf.dtype).scatter_reduce(0, unit[kept], kept_conf, "amax")
+        cutoff = torch.where(best >= threshold, torch.full_like(best, threshold), best)  # [U]
+    else:
+        cutoff = torch.ones(num_units, dtype=kept_conf.dtype).scatter_reduce(0, unit[kept], kept_conf, "amin")
+    q_old = logq_old.exp()
+    return (q_old < cutoff[unit][:, None]) & (q_old > 0)  # tokens top-k / top-p filtered out are never drawn
+
+
+def selection_log_factor(logq, below, kept, unit, num_units):
+    """log P(the rule kept exactly this set | the kept draws) per sampler step [U]: the sum over
+    the step's masked positions j that were not kept of log sum_{u in below_j} q_j(u) (the issue's
+    closed form; 0 for a step that kept every masked position). logq [N, V] carries the gradient."""
+    others = ~kept & below.any(-1)  # an empty set (only a train-inference mismatch at a borderline can empty one) adds nothing
+    log_m = torch.logsumexp(logq[others].masked_fill(~below[others], float("-inf")), -1)  # [N']
+    return torch.zeros(num_units, dtype=logq.dtype, device=logq.device).index_add(0, unit[others].to(logq.device), log_m)
 
 
 def token_weights(response_lengths, total_tokens, total_responses, loss_norm):
@@ -210,6 +315,24 @@ def read_rollouts(path, step, block_size, mask_id):
     return records
 
 
+def exact_sampler(records):
+    """The sampler settings the exact estimator needs (one set for the whole file), or an error
+    saying why the selection factor cannot be computed for these rollouts."""
+    keys = ("strategy", "threshold", "denoising_steps", "temperature", "top_k", "top_p", "engine")
+    settings = {tuple(r["sampler"].get(k) for k in keys) for r in records}
+    if len(settings) > 1:
+        raise ValueError(f"--estimator exact: the rollouts mix sampler settings {sorted(settings, key=str)}")
+    sampler = dict(zip(keys, settings.pop()))
+    if sampler["engine"] != "torch":
+        raise ValueError(f"--estimator exact: rollouts from engine {sampler['engine']!r}; the selection factor is derived for "
+                         "rollout.py's own commit rule only")
+    if sampler["strategy"] not in ("low_confidence_dynamic", "low_confidence_static", "sequential"):
+        raise ValueError(f"--estimator exact: no selection factor for strategy {sampler['strategy']!r}")
+    if not sampler["temperature"] or sampler["temperature"] <= 0:
+        raise ValueError("--estimator exact: greedy rollouts (temperature 0) have no policy gradient")
+    return sampler
+
+
 def save_torch_atomic(obj, path):
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -219,6 +342,8 @@ def save_torch_atomic(obj, path):
 def main(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.estimator not in ("dipo", "exact"):
+        raise ValueError(f"--estimator {cfg.estimator!r}: choose dipo or exact")
     rank, world, device = attention.init_distributed(cfg.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     run, timing, t_start = Path(cfg.run), defaultdict(float), time.time()
@@ -237,6 +362,7 @@ def main(cfg):
     model, tokenizer = attention.load_model(str(policy), dtype=torch.float32, device=device, attn=cfg.attn)
     c = model.config
     records = read_rollouts(run / "rollouts" / f"step_{step:06d}.jsonl", step, c.block_size, c.mask_token_id)
+    sampler = exact_sampler(records) if cfg.estimator == "exact" else None
     timing["io"] += time.time() - t
     rewards = [r["reward"] for r in records]
     adv = group_advantages(rewards, [r["prompt_id"] for r in records])
@@ -249,9 +375,9 @@ def main(cfg):
     if not any(adv[i] for i in kept):
         if rank == 0:
             attention.save_checkpoint(model, tokenizer, attention.policy_dir(run, step + 1))
+            attention.append_metrics(run, {**log, "updated": False})
             save_torch_atomic({**(state or {}), "step": step + 1}, state_path)
             attention.publish_policy(run, step + 1)
-            attention.append_metrics(run, {**log, "updated": False})
             print(f"dipo step {step + 1}: no group has a learning signal (all rewards equal within every group); "
                   f"policy carried over unchanged")
         return NOTHING_TO_LEARN
@@ -279,11 +405,29 @@ def main(cfg):
         chunks = [mb[j::micro_count * world] for j in range(micro_count * world)][rank::world]
         chunks = [(chunk or mb[:1], bool(chunk)) for chunk in chunks]  # every process runs as many; an empty one with weight 0
         plan.append([(chunk, real, build_batch([records[i] for i in chunk], c.mask_token_id, c.block_size,
-                                               c.eos_token_id, cfg.row_len)) for chunk, real in chunks])
+                                               c.eos_token_id, cfg.row_len, all_masked=sampler is not None))
+                     for chunk, real in chunks])
+    selective = sampler is not None and sampler["strategy"] != "sequential"
+    diagnose = selective and cfg.diagnostics and world == 1
+    params = [p for p in model.parameters() if p.requires_grad]
 
-    # logp_old at step k's weights. Until the first optimizer step the weights are step k's, so
-    # the first minibatch takes its own forward's values (detached): exactly equal, one forward
-    # saved. Later minibatches (--minibatches > 1) need theirs before any step, and the
+    def terms(logp, logq, where, below):
+        """(the kept tokens' log-probabilities [K], the steps' selection log-factors [U] or None)"""
+        return (logp, None) if sampler is None else exact_terms(logq, where, sampler, below)
+
+    def old_terms(logp, logq, where):
+        """At step k's weights, detached: the kept tokens' logprobs at temperature 1 (for the
+        mismatch), then the same as terms(), plus the selection sets taken there."""
+        below = None
+        if selective:
+            below = selection_sets(logq.detach(), where["token"].to(device), where["kept"].to(device), where["unit"].to(device),
+                                   int(where["unit"].max()) + 1, sampler["strategy"], sampler["threshold"])
+        tokens, selection = terms(logp.detach(), None if logq is None else logq.detach(), where, below)
+        return logp.detach(), tokens, selection, below
+
+    # The "old" terms at step k's weights. Until the first optimizer step the weights are step
+    # k's, so the first minibatch takes its own forward's values (detached): exactly equal, one
+    # forward saved. Later minibatches (--minibatches > 1) need theirs before any step, and the
     # reference's are computed once.
     t = time.time()
     old, ref_logp, mismatch = {}, {}, []
@@ -291,7 +435,8 @@ def main(cfg):
         for m, micro in enumerate(plan):
             for j, (_, _, batch) in enumerate(micro):
                 if m > 0:
-                    old[m, j] = token_logprobs(model, batch, device, dtype)
+                    logp, _, logq = forward_scores(model, batch, device, dtype, sampler)
+                    old[m, j] = old_terms(logp, logq, batch[2])
                 if ref is not None:
                     ref_logp[m, j] = token_logprobs(ref, batch, device, dtype)
     timing["forward"] += time.time() - t
@@ -301,37 +446,73 @@ def main(cfg):
     for epoch in range(cfg.ppo_epochs):
         for m, micro in enumerate(plan):
             mb_tokens = sum(len(records[i]["response_ids"]) for i in minibatches[m])
+            if diagnose:  # per micro-batch gradients, as running sums: the selection term's and the whole
+                grad_before, selection_grad, squares = flat_grads(params), 0.0, {"dipo": 0.0, "exact": 0.0}
             for j, (chunk, real, batch) in enumerate(micro):
                 where = batch[2]
+                scored = {k: v[where["kept"]] for k, v in where.items()}  # the kept tokens
                 t = time.time()
-                logp, entropy = token_logprobs(model, batch, device, dtype, with_entropy=True)
+                logp, entropy, logq = forward_scores(model, batch, device, dtype, sampler)
                 if (m, j) not in old:
-                    old[m, j] = logp.detach()
-                logp_old = old[m, j]
+                    old[m, j] = old_terms(logp, logq, where)
+                logp_old, tokens_old, selection_old, below = old[m, j]
+                tokens, selection = terms(logp, logq, where, below)
                 if epoch == 0 and real:  # the train-inference mismatch: step k's logprobs vs the sampler's
-                    recorded = [records[chunk[k]]["logprobs"][i] for k, i in zip(where["record"].tolist(), where["index"].tolist())]
+                    recorded = [records[chunk[k]]["logprobs"][i] for k, i in zip(scored["record"].tolist(), scored["index"].tolist())]
                     mismatch.append((logp_old.cpu() - torch.tensor(recorded)).abs())
-                owner = torch.tensor(chunk)[where["record"]]  # [M] record index of every scored token
-                loss_t, clipped = dipo_token_loss(logp, logp_old, adv[owner].to(device), cfg.clip_low, cfg.clip_high,
-                                                  ref_logp.get((m, j)), cfg.beta)
+                owner = torch.tensor(chunk)[scored["record"]]  # [K] record index of every scored token
+                loss_t, clipped = dipo_token_loss(tokens, tokens_old, adv[owner].to(device), cfg.clip_low, cfg.clip_high)
+                if cfg.beta:
+                    loss_t = loss_t + cfg.beta * k3(ref_logp[m, j], logp)
                 lengths = torch.tensor([len(records[i]["response_ids"]) for i in owner.tolist()])
                 w = token_weights(lengths, mb_tokens, len(minibatches[m]), cfg.loss_norm).to(device, torch.float32)
                 w = w if real else torch.zeros_like(w)
                 loss = (loss_t * w).sum()
+                if selection is not None:  # one term per sampler step, weighted as one token of its response
+                    step_owner = torch.tensor(chunk)[step_records(where)]
+                    loss_s, clipped_s = dipo_token_loss(selection, selection_old, adv[step_owner].to(device),
+                                                        cfg.clip_low, cfg.clip_high)
+                    step_lengths = torch.tensor([len(records[i]["response_ids"]) for i in step_owner.tolist()])
+                    w_s = token_weights(step_lengths, mb_tokens, len(minibatches[m]), cfg.loss_norm).to(device, torch.float32)
+                    loss_selection = (loss_s * (w_s if real else torch.zeros_like(w_s))).sum()
+                    loss = loss + loss_selection
                 timing["forward"] += time.time() - t
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"dipo step {step + 1}: loss is {loss.item()}; no checkpoint written")
+                if diagnose:
+                    t = time.time()
+                    grads = torch.autograd.grad(loss_selection, params, retain_graph=True, allow_unused=True)
+                    from_selection = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+                    timing["diagnostics"] += time.time() - t
                 t = time.time()
                 loss.backward()
                 timing["backward"] += time.time() - t
+                if diagnose:
+                    grad_now = flat_grads(params)
+                    exact_part = grad_now - grad_before
+                    grad_before, selection_grad = grad_now, selection_grad + from_selection
+                    squares["exact"] += exact_part.square().sum().item()
+                    squares["dipo"] += (exact_part - from_selection).square().sum().item()
                 if real:
                     with torch.no_grad():
-                        log_ratio = logp - logp_old
+                        log_ratio = tokens - tokens_old
                         stats["loss"] += loss.item()
-                        stats["tokens"] += len(logp)
+                        stats["tokens"] += len(tokens)
                         stats["clipped"] += clipped.sum().item()
                         stats["approx_kl"] += (torch.exp(log_ratio) - 1 - log_ratio).sum().item()
                         stats["entropy"] += entropy.sum().item()
+                        if selection is not None:
+                            stats["steps"] += len(selection)
+                            stats["clipped_steps"] += clipped_s.sum().item()
+                            stats["selection_abs"] += selection.abs().sum().item()
+                            stats["tokens_abs"] += tokens.abs().sum().item()
+            if diagnose:  # the token term's gradient is DiPO's (at temperature 1, no filtering)
+                from_tokens = grad_before - selection_grad
+                stats["grad_ratio"] = (selection_grad.norm() / from_tokens.norm().clamp(min=1e-30)).item()
+                stats["grad_cosine"] = torch.nn.functional.cosine_similarity(from_tokens, grad_before, dim=0).item()
+                if len(micro) > 1:
+                    stats["noise_dipo"] = noise_to_signal(squares["dipo"], from_tokens, len(micro))
+                    stats["noise_exact"] = noise_to_signal(squares["exact"], grad_before, len(micro))
             t = time.time()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -346,7 +527,8 @@ def main(cfg):
     mismatch = torch.cat(mismatch)
     stats.update(mismatch_sum=mismatch.sum().item(), mismatch_count=len(mismatch), mismatch_max=mismatch.max().item())
     if world > 1:  # each process summed its own share
-        summed = ("loss", "tokens", "clipped", "approx_kl", "entropy", "mismatch_sum", "mismatch_count")
+        summed = ("loss", "tokens", "clipped", "approx_kl", "entropy", "mismatch_sum", "mismatch_count",
+                  "steps", "clipped_steps", "selection_abs", "tokens_abs")
         totals = torch.tensor([stats[k] for k in summed], device=device, dtype=torch.float64)
         torch.distributed.all_reduce(totals)
         stats.update(zip(summed, totals.tolist()))
@@ -358,8 +540,6 @@ def main(cfg):
     model_sd, optim_sd = attention.full_state(model, optimizer)
     if rank == 0:
         attention.save_checkpoint(model, tokenizer, attention.policy_dir(run, step + 1), state_dict=model_sd)
-        save_torch_atomic({"step": step + 1, "optimizer": optim_sd, "config": dataclasses.asdict(cfg)}, state_path)
-        attention.publish_policy(run, step + 1)
     timing["io"] += time.time() - t
     tokens = max(1.0, stats["tokens"])
     log.update({"updated": True, "loss": stats["loss"] / (cfg.ppo_epochs * cfg.minibatches), "clip_frac": stats["clipped"] / tokens,
@@ -367,13 +547,24 @@ def main(cfg):
                 "mismatch_mean": stats["mismatch_sum"] / stats["mismatch_count"], "mismatch_max": stats["mismatch_max"],
                 "tokens_per_s": tokens / max(1e-9, timing["forward"] + timing["backward"]),
                 "seconds": time.time() - t_start, **{f"time_{k}": v for k, v in timing.items()}})
-    if rank == 0:
+    if selective:  # how much the selection factor weighs: in log-probability, and (one process) in the gradient
+        log.update({"estimator": "exact", "selection_to_token_logp": stats["selection_abs"] / max(1e-30, stats["tokens_abs"]),
+                     "clip_frac_steps": stats["clipped_steps"] / max(1.0, stats["steps"])})
+        if diagnose:
+            log.update(selection_to_token_grad=stats["grad_ratio"], grad_cosine_dipo_exact=stats["grad_cosine"],
+                       **{f"grad_noise_{k}": stats[f"noise_{k}"] for k in ("dipo", "exact") if f"noise_{k}" in stats})
+    if rank == 0:  # the metrics line before the commit point (the state file): a kill can repeat it, never lose it
         attention.append_metrics(run, log)
+        save_torch_atomic({"step": step + 1, "optimizer": optim_sd, "config": dataclasses.asdict(cfg)}, state_path)
+        attention.publish_policy(run, step + 1)
         print(f"dipo step {step + 1} | reward {log['reward']:.3f} ± {log['reward_std']:.3f} | groups kept {log['groups_kept']}/{groups} | "
               f"loss {log['loss']:+.4f} | clip {log['clip_frac']:.3f} | kl {log['approx_kl']:.2e} | entropy {log['entropy']:.3f} | "
               f"grad norm {log['grad_norm']:.3f} | mismatch mean {log['mismatch_mean']:.1e} max {log['mismatch_max']:.1e} | "
-              f"{log['tokens_per_s']:,.0f} tok/s | {log['seconds']:.1f} s "
-              f"(io {timing['io']:.1f}, fwd {timing['forward']:.1f}, bwd {timing['backward']:.1f}, opt {timing['optimizer']:.1f})")
+              + (f"selection/token logp {log['selection_to_token_logp']:.3f} | " if selective else "")
+              + (f"grad cos(dipo, exact) {log['grad_cosine_dipo_exact']:.3f} | " if diagnose else "")
+              + f"{log['tokens_per_s']:,.0f} tok/s | {log['seconds']:.1f} s "
+              f"(io {timing['io']:.1f}, fwd {timing['forward']:.1f}, bwd {timing['backward']:.1f}, opt {timing['optimizer']:.1f}"
+              + (f", diagnostics {timing['diagnostics']:.1f})" if diagnose else ")"))
     if world > 1:
         torch.distributed.barrier()  # rank 0 is still writing; leaving early aborts the group
         torch.distributed.destroy_process_group()

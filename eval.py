@@ -21,7 +21,8 @@ Reads  rollout JSONL files (DESIGN.md's record: prompt_id, question,
 Writes a table per file and per data source on stdout (several files side by
        side) and, with --json OUT, the same numbers as JSON.
 
-Usage:  python eval.py runs/demo/eval/sft.jsonl runs/demo/eval/final.jsonl [--json OUT] [--workers 2]
+Usage:  python eval.py runs/demo/eval/sft.jsonl runs/demo/eval/final.jsonl [--json OUT] [--workers 2] [--run RUN]
+        python eval.py --plot curve.png runs/seed0 runs/seed1     (the learning curves; needs matplotlib)
 
 How this differs from the paper: DiRL checks answers with math-verify (30 s
 timeout) or a sympy LaTeX comparison; we use one grader of our own with no extra
@@ -593,15 +594,72 @@ def format_table(results):
     return "\n".join(f"{name:<{width}}  " + "  ".join(f"{v:>{col}}" for v in vs) for name, vs in rows)
 
 
+def log_to_run(run, result, records_file):
+    """Append one {"stage": "eval", "step": policy step, ...} line per data source to
+    run/metrics.jsonl, so that held-out accuracy sits beside the training curve."""
+    first = json.loads(next(line for line in Path(records_file).read_text().splitlines() if line.strip()))
+    with open(Path(run) / "metrics.jsonl", "a") as f:
+        for source, numbers in result["sources"].items():
+            f.write(json.dumps({"time": round(time.time(), 3), "stage": "eval", "step": first.get("policy_step"),
+                                "file": str(records_file), "data_source": source, **numbers}) + "\n")
+
+
+def plot_runs(runs, out):
+    """Training reward and held-out avg@k against DiPO step and against loop minutes (from the
+    first rollout of the run), one line per run, to a PNG. matplotlib is optional: imported here."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        lines = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        loop = [r for r in lines if r.get("stage") == "rollout" and "reward" in r]
+        if not loop:
+            raise ValueError(f"{run}: no rollout lines in metrics.jsonl")
+        t0 = next(r["time"] for r in lines if r.get("stage") == "rollout" and "time" in r)
+        written = {0: t0, **{r["step"]: r["time"] for r in lines if r.get("stage") == "dipo" and "event" not in r}}
+        held_out = sorted((r for r in lines if r.get("stage") == "eval" and r["step"] in written), key=lambda r: r["step"])
+        k = next((key for key in held_out[0] if key.startswith("avg@")), None) if held_out else None
+        for ax, x in zip(axes, ("step", "minutes")):  # a policy's minute is when dipo wrote it, however late it was evaluated
+            at = (lambda step: step) if x == "step" else (lambda step: (written.get(step, t0) - t0) / 60)
+            smooth = [sum(r["reward"] for r in loop[max(0, i - 4):i + 1]) / len(loop[max(0, i - 4):i + 1]) for i in range(len(loop))]
+            trained = ax.plot([at(r["step"]) for r in loop], smooth, alpha=0.5,
+                              label=f"{Path(run).name}: training reward (mean of 5 steps)")
+            if k:
+                ax.plot([at(r["step"]) for r in held_out], [r[k] for r in held_out], "o-", color=trained[0].get_color(),
+                        label=f"{Path(run).name}: held-out {k}")
+            ax.set_xlabel("DiPO step" if x == "step" else "minutes since the first rollout")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = f"{out}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", nargs="+", help="rollout JSONL files (written by rollout.py)")
+    parser.add_argument("files", nargs="+", help="rollout JSONL files (written by rollout.py); with --plot, run directories")
     parser.add_argument("--json", default="", metavar="OUT", help="also write the numbers as JSON to OUT (default: off)")
+    parser.add_argument("--run", default="", help="also append the numbers to RUN/metrics.jsonl as {\"stage\": \"eval\"} lines (default: off)")
+    parser.add_argument("--plot", default="", metavar="OUT.png", help="instead: draw training reward and held-out accuracy of the run "
+                        "directories given as files, from their metrics.jsonl (needs matplotlib; default: off)")
     parser.add_argument("--workers", type=int, default=1, help="grading processes (default: 1)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds allowed per symbolic check (default: 5.0)")
     parser.add_argument("--answer-format", choices=["boxed", "gsm8k"], default="boxed", help="where the answer is: last \\boxed{} or '#### x' (default: boxed)")
     parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False, help="stop at the first bad line instead of skipping it (default: off)")
     args = parser.parse_args(argv)
+    if args.plot:
+        try:
+            plot_runs(args.files, args.plot)
+        except ImportError:
+            sys.exit("error: --plot needs matplotlib (pip install matplotlib)")
+        except (OSError, ValueError, KeyError, StopIteration) as e:
+            sys.exit(f"error: --plot: {e!r}")
+        print(f"wrote {args.plot}")
+        return
     results = []
     for path in args.files:
         try:
@@ -611,6 +669,8 @@ def main(argv=None):
         for problem in result["skipped_lines"]:
             print(f"skipped {problem}", file=sys.stderr)
         results.append(result)
+        if args.run:
+            log_to_run(args.run, result, path)
     print(format_table(results))
     if args.json:
         tmp = f"{args.json}.tmp"

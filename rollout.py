@@ -8,6 +8,8 @@ Writes runs/<run>/rollouts/step_<k>.jsonl, or --out FILE; one line per sampled r
        step_map, logprobs, text, reward, finish, sampler (DESIGN.md, "Rollout record")
 
 Usage: python rollout.py --run runs/arith [--num-prompts 64 --group-size 8]
+       torchrun --nproc-per-node N -- rollout.py --run runs/arith   (each process samples every N-th
+                                                    sequence; process 0 writes the one file)
        python rollout.py --policy DIR --data data/arith_test.jsonl --group-size 1 --out FILE
 
 An existing output file is kept, not overwritten (--force resamples), so rerunning a killed
@@ -87,20 +89,12 @@ class Config:
 
 def sample_tokens(logits, temperature, top_k, top_p, uniforms):
     """logits [B, b, V], uniforms [B, b] in [0, 1). Returns the drawn tokens [B, b], their
-    confidence (probability under the filtered, tempered distribution) and their logprob
-    under the model at temperature 1 before any filtering (the quantity DiPO replays)."""
+    confidence (probability under the filtered, tempered distribution that
+    attention.sampling_logprobs defines) and their logprob under the model at temperature 1
+    before any filtering (the quantity DiPO replays)."""
     logits = logits.float()
     logp = torch.log_softmax(logits, -1)
-    scores = logits / temperature if temperature > 0 else logits
-    if top_k > 0:
-        kth = scores.topk(min(top_k, scores.shape[-1]), -1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = torch.softmax(scores, -1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(-1, descending=True)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # tokens after the mass is reached
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)
+    probs = attention.sampling_logprobs(logits, temperature, top_k, top_p).exp()
     if temperature == 0:
         tokens = probs.argmax(-1)
     else:  # inverse CDF: the first token whose cumulative probability exceeds the uniform
@@ -293,9 +287,9 @@ def main(cfg):
     if out.exists() and not cfg.force:  # written atomically, so it is whole: a rerun loop moves on
         print(f"rollout: {out} already exists (policy step {step} was sampled); keeping it (--force resamples)")
         return
-    if not cfg.policy:
+    rank, world, device = attention.init_distributed(cfg.device)  # under torchrun each process samples a share
+    if not cfg.policy and rank == 0:
         attention.record_invocation(cfg.run, "rollout", cfg)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     model, tokenizer = attention.load_model(str(policy), dtype=dtype, device=device, attn="sdpa")
     model.eval()
@@ -315,8 +309,9 @@ def main(cfg):
     jobs = [(i, j) for i in chosen for j in range(cfg.group_size)]  # (prompt index, sample index)
     prompt_ids = {i: tokenizer(attention.render_prompt(prompts[i]["question"], instruction), add_special_tokens=False)["input_ids"]
                   for i in chosen}
-    records, t0, new_tokens, forwards = [], time.time(), 0, 0
-    bar = tqdm(total=len(jobs), desc=f"rollout step {step}", unit="seq")
+    jobs = jobs[rank::world]
+    records, t0, new_tokens = [], time.time(), 0
+    bar = tqdm(total=len(jobs), desc=f"rollout step {step}", unit="seq", disable=rank != 0)
     for start in range(0, len(jobs), cfg.batch_size):
         batch = jobs[start:start + cfg.batch_size]
         generators = [torch.Generator().manual_seed(sequence_seed(cfg.seed, step, i, j)) for i, j in batch]
@@ -334,19 +329,33 @@ def main(cfg):
                 **{k: v for k, v in prompt.items() if k not in ("question", "ground_truth_answer")},
             })
             new_tokens += len(response)
-            forwards += res["forwards"]
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{new_tokens / (time.time() - t0):.0f}")
     bar.close()
-    attention.write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
+    if world > 1:  # every process writes its share; process 0 interleaves them back into job order
+        part = out.with_name(f"{out.name}.rank{rank}.part")
+        attention.write_atomic(part, "".join(json.dumps(r) + "\n" for r in records))
+        torch.distributed.barrier()
+        if rank == 0:
+            parts = [[json.loads(line) for line in out.with_name(f"{out.name}.rank{r}.part").read_text().splitlines()]
+                     for r in range(world)]
+            records = [parts[k % world][k // world] for k in range(sum(map(len, parts)))]
+        torch.distributed.barrier()  # every part is read before any is removed
+        part.unlink()
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return
     seconds = time.time() - t0
     n = max(1, len(records))
+    new_tokens = sum(len(r["response_ids"]) for r in records)
     summary = {"stage": "rollout", "step": step, "reward": sum(r["reward"] for r in records) / n,
-               "response_tokens": new_tokens / n, "tokens_per_forward": new_tokens / max(1, forwards),
+               "response_tokens": new_tokens / n,
+               "tokens_per_forward": new_tokens / max(1, sum(grader.forwards_of(r) for r in records)),
                "truncated": sum(r["finish"] == "length" for r in records) / n, "seconds": seconds,
                "tokens_per_s": new_tokens / seconds}
-    if not cfg.policy:
+    if not cfg.policy:  # before the file, the commit point: a kill in between repeats the line, never loses it
         attention.append_metrics(cfg.run, summary)
+    attention.write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
     print(f"rollout step {step}: {len(records)} responses to {len(chosen)} prompts -> {out} | reward {summary['reward']:.3f} | "
           f"{summary['response_tokens']:.1f} tokens/response | {summary['tokens_per_forward']:.2f} tokens/forward | "
           f"truncated {summary['truncated']:.1%} | {seconds:.1f} s")

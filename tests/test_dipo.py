@@ -85,7 +85,9 @@ def test_rounds_skip_rounds_that_commit_nothing_and_prompt_only_blocks():
     tokens, spec, scored = dipo.rounds_of([10, 11, 12, 13, 14], [20, 21, 22], [2, 0, 2], MASK, 4)
     assert spec == (8, 2, 4)  # rounds 0 and 2 only; noisy copies start at position 4
     assert tokens == [10, 11, 12, 13, 14, 20, 21, 22] + [14, MASK, MASK, MASK] + [14, MASK, 21, MASK]
-    assert scored == [(10, 21, 1), (13, 20, 0), (15, 22, 2)]
+    assert scored == [(10, 21, 1, 0, 1), (13, 20, 0, 2, 1), (15, 22, 2, 2, 1)]  # (column, token, index, round, block)
+    _, _, every = dipo.rounds_of([10, 11, 12, 13, 14], [20, 21, 22], [2, 0, 2], MASK, 4, all_masked=True)
+    assert [(col, s) for col, _, _, s, _ in every] == [(9, 0), (10, 0), (11, 0), (13, 2), (15, 2)]
 
 
 def test_group_advantages_and_equal_groups():
@@ -235,7 +237,7 @@ def metrics(run):
 
 def test_update_at_the_sampling_weights_has_no_mismatch_and_ratio_one(tmp_path):
     run = make_run(tmp_path / "r")
-    out = run_dipo(run)
+    out = run_dipo(run, "--minibatches", 1)
     assert out.returncode == 0, out.stderr
     m = metrics(run)[-1]
     assert m["updated"] and m["step"] == 1
@@ -251,11 +253,12 @@ def test_update_at_the_sampling_weights_has_no_mismatch_and_ratio_one(tmp_path):
     assert m["mismatch_max"] < 1e-4 and m["approx_kl"] > 0.0
 
 
-def test_gradient_is_the_same_for_any_micro_batch_and_two_processes(tmp_path):
+def update_copies(tmp_path, variants, two_processes=()):
+    """One update of the same run per variant (flags), plus one under torchrun with 2 gloo
+    processes ("two", micro-batches of 3, the flags two_processes). Returns {name: run dir}."""
     base = make_run(tmp_path / "base")
     runs = {}
-    for name, extra in (("mb16", ["--micro-batch-size", 16]), ("mb1", ["--micro-batch-size", 1]),
-                        ("seq16", ["--loss-norm", "sequence"]), ("seq1", ["--loss-norm", "sequence", "--micro-batch-size", 1])):
+    for name, extra in variants.items():
         runs[name] = tmp_path / name
         shutil.copytree(base, runs[name])
         out = run_dipo(runs[name], *extra)
@@ -263,9 +266,15 @@ def test_gradient_is_the_same_for_any_micro_batch_and_two_processes(tmp_path):
     runs["two"] = tmp_path / "two"
     shutil.copytree(base, runs["two"])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--"]
-    out = subprocess.run(torchrun + [str(ROOT / "dipo.py"), "--run", str(runs["two"]), "--threads", "1", "--micro-batch-size", "3"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    out = subprocess.run(torchrun + [str(ROOT / "dipo.py"), "--run", str(runs["two"]), "--threads", "1", "--micro-batch-size", "3",
+                                     *map(str, two_processes)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    return runs
+
+
+def test_gradient_is_the_same_for_any_micro_batch_and_two_processes(tmp_path):
+    runs = update_copies(tmp_path, {"mb16": ["--micro-batch-size", 16], "mb1": ["--micro-batch-size", 1],
+                                    "seq16": ["--loss-norm", "sequence"], "seq1": ["--loss-norm", "sequence", "--micro-batch-size", 1]})
     m = {name: metrics(run)[-1] for name, run in runs.items()}
     for a, b in (("mb16", "mb1"), ("mb16", "two"), ("seq16", "seq1")):
         assert m[a]["loss"] == pytest.approx(m[b]["loss"], rel=1e-4, abs=1e-7)
@@ -331,31 +340,3 @@ def test_killed_update_is_redone_or_completed(tmp_path):
     (run / "policy" / "latest").write_text("step_000000\n")
     out = run_dipo(run)
     assert out.returncode == 0 and "already written" in out.stdout and attention.latest_policy(run)[0] == 1
-
-
-def test_sft_rollout_dipo_twice_as_subprocesses(tmp_path):
-    data = tmp_path / "sft.jsonl"
-    data.write_text("\n".join((ROOT / "data/arith_sft.jsonl").read_text().splitlines()[:40]) + "\n")
-    run = tmp_path / "run"
-
-    def stage(script, *args):
-        return subprocess.run([sys.executable, str(ROOT / script), "--run", str(run), "--threads", "1", *map(str, args)],
-                              capture_output=True, text=True, cwd=ROOT)
-
-    out = stage("sft.py", "--data", data, "--steps", 5, "--batch-size", 4, "--eval-docs", 4)
-    assert out.returncode == 0, out.stderr
-    for k in (0, 1):
-        out = stage("rollout.py", "--num-prompts", 2, "--group-size", 2, "--max-new-tokens", 8)
-        assert out.returncode == 0, out.stderr
-        records = [json.loads(line) for line in (run / "rollouts" / f"step_{k:06d}.jsonl").read_text().splitlines()]
-        assert len(records) == 4 and {r["policy_step"] for r in records} == {k}
-        out = stage("dipo.py")
-        assert out.returncode in (0, dipo.NOTHING_TO_LEARN), out.stderr
-        assert attention.latest_policy(run)[0] == k + 1
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    starts = [m for m in lines if m.get("event") == "start"]
-    assert [m["stage"] for m in starts] == ["sft", "rollout", "dipo", "rollout", "dipo"]
-    assert all(m["config"]["run"] == str(run) and m["packages"]["torch"] and "git_commit" in m for m in starts)
-    steps = [m["stage"] for m in lines if "event" not in m]
-    assert steps.count("rollout") == 2 and steps.count("dipo") == 2 and "sft" in steps
-    assert {p.name for p in (run / "config").iterdir()} >= {"sft.json", "rollout.json", "dipo.json"}

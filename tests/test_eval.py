@@ -242,3 +242,27 @@ def test_cli_regrades_side_by_side_and_writes_json(tmp_path):
     assert [s["rewards_changed"] for s in summary] == [2, 0]
     missing = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(tmp_path / "nope.jsonl")], capture_output=True, text=True)
     assert missing.returncode != 0 and "nope.jsonl" in missing.stderr
+
+
+def test_run_log_and_plot(tmp_path):
+    """--run appends held-out numbers to a run's metrics.jsonl; --plot draws them beside the
+    training reward (or, without matplotlib, says what to install)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"time": 100.0 + 10 * k, "stage": "rollout", "step": k, "reward": 0.1 * k} for k in range(3)]
+    lines += [{"time": 105.0 + 10 * k, "stage": "dipo", "step": k + 1, "reward": 0.1 * k} for k in range(2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    held_out = tmp_path / "step_000002.jsonl"
+    held_out.write_text("\n".join(json.dumps({**rollout(p, 0.0, "\\boxed{3}"), "policy_step": 2}) for p in "ab"))
+    subprocess.run([sys.executable, str(ROOT / "eval.py"), str(held_out), "--run", str(run)], check=True, capture_output=True)
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert logged["stage"] == "eval" and logged["step"] == 2 and logged["avg@1"] == 1.0 and logged["file"] == str(held_out)
+    png = tmp_path / "curve.png"
+    plot = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--plot", str(png), str(run)], capture_output=True, text=True)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert plot.returncode != 0 and "pip install matplotlib" in plot.stderr
+    else:
+        assert plot.returncode == 0, plot.stderr
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -269,3 +269,15 @@ def test_prompt_selection_moves_on_with_the_policy_step():
     seen = [i for step in range(5) for i in rollout.select_prompts(4, 20, seed=1, step=step)]
     assert sorted(seen) == list(range(20))  # one pass over the file in 5 steps, no repeats
     assert rollout.select_prompts(0, 7, seed=1, step=3) == list(range(7))
+
+
+def test_two_processes_write_the_same_file_as_one(run_dir, tmp_path):
+    args = ["--run", run_dir, "--num-prompts", 3, "--group-size", 3, "--threshold", 0.5, "--max-new-tokens", 12, "--threads", 1]
+    one = run_rollout(args + ["--out", tmp_path / "one.jsonl"])
+    assert one.returncode == 0, one.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--"]
+    two = subprocess.run(torchrun + [str(ROOT / "rollout.py"), *map(str, args), "--out", str(tmp_path / "two.jsonl")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]  # no part files left

@@ -94,6 +94,7 @@ class Config:
     micro_batch_size: int = flag(16, "responses per forward")
     row_len: int = flag(256, "tokens per packed row (a response with all its rounds larger than this gets a row of its own)")
     dtype: str = flag("float32", "compute dtype: float32, or bfloat16 (autocast)")
+    grad_checkpointing: bool = flag(False, "recompute activations in the backward pass to save memory")
     device: str = flag("auto", "auto (cuda if present), cpu or cuda")
     attn: str = flag("auto", "attention backend: auto (flex on CUDA, else sdpa), flex, sdpa, eager")
     estimator: str = flag("dipo", "'dipo' (the paper's: kept tokens' logprobs) or 'exact' (adds the commit rule's selection "
@@ -180,7 +181,8 @@ def forward_scores(model, batch, device, dtype, sampler=None):
         logits = attention.forward_layout(model, input_ids.to(device), layout, at=(where["row"], where["col"]))  # [N, V]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     kept = where["kept"].to(device)
-    logp_all = torch.log_softmax(logits[kept], -1)
+    all_kept = bool(kept.all())  # DiPO's batches score only kept tokens: no [N, V] copy for them
+    logp_all = torch.log_softmax(logits if all_kept else logits[kept], -1)
     logp = logp_all.gather(-1, where["token"].to(device)[kept][:, None])[:, 0]
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     if sampler is None:
@@ -385,6 +387,8 @@ def main(cfg):
     records = [records[i] for i in kept]
     adv = torch.tensor([adv[i] for i in kept])
     model.train()
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
     if world > 1:
         attention.shard_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))

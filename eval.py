@@ -604,7 +604,7 @@ def log_to_run(run, result, records_file):
                                 "file": str(records_file), "data_source": source, **numbers}) + "\n")
 
 
-def plot_runs(runs, out):
+def plot_runs(runs, out, max_step=0):
     """Training reward and held-out avg@k against DiPO step and against loop minutes (from the
     first rollout of the run), one line per run, to a PNG. matplotlib is optional: imported here."""
     import matplotlib
@@ -615,6 +615,7 @@ def plot_runs(runs, out):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
         lines = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        lines = [r for r in lines if not max_step or r.get("step", 0) <= max_step]
         loop = [r for r in lines if r.get("stage") == "rollout" and "reward" in r]
         if not loop:
             raise ValueError(f"{run}: no rollout lines in metrics.jsonl")
@@ -646,6 +647,7 @@ def main(argv=None):
     parser.add_argument("--run", default="", help="also append the numbers to RUN/metrics.jsonl as {\"stage\": \"eval\"} lines (default: off)")
     parser.add_argument("--plot", default="", metavar="OUT.png", help="instead: draw training reward and held-out accuracy of the run "
                         "directories given as files, from their metrics.jsonl (needs matplotlib; default: off)")
+    parser.add_argument("--plot-steps", type=int, default=0, metavar="N", help="with --plot: only DiPO steps up to N (default: 0 = all)")
     parser.add_argument("--workers", type=int, default=1, help="grading processes (default: 1)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds allowed per symbolic check (default: 5.0)")
     parser.add_argument("--answer-format", choices=["boxed", "gsm8k"], default="boxed", help="where the answer is: last \\boxed{} or '#### x' (default: boxed)")
@@ -653,7 +655,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.plot:
         try:
-            plot_runs(args.files, args.plot)
+            plot_runs(args.files, args.plot, args.plot_steps)
         except ImportError:
             sys.exit("error: --plot needs matplotlib (pip install matplotlib)")
         except (OSError, ValueError, KeyError, StopIteration) as e:

@@ -274,9 +274,10 @@ def update_copies(tmp_path, variants, two_processes=()):
 
 def test_gradient_is_the_same_for_any_micro_batch_and_two_processes(tmp_path):
     runs = update_copies(tmp_path, {"mb16": ["--micro-batch-size", 16], "mb1": ["--micro-batch-size", 1],
-                                    "seq16": ["--loss-norm", "sequence"], "seq1": ["--loss-norm", "sequence", "--micro-batch-size", 1]})
+                                    "seq16": ["--loss-norm", "sequence"], "seq1": ["--loss-norm", "sequence", "--micro-batch-size", 1],
+                                    "recompute": ["--grad-checkpointing"]})
     m = {name: metrics(run)[-1] for name, run in runs.items()}
-    for a, b in (("mb16", "mb1"), ("mb16", "two"), ("seq16", "seq1")):
+    for a, b in (("mb16", "mb1"), ("mb16", "two"), ("seq16", "seq1"), ("mb16", "recompute")):
         assert m[a]["loss"] == pytest.approx(m[b]["loss"], rel=1e-4, abs=1e-7)
         assert m[a]["grad_norm"] == pytest.approx(m[b]["grad_norm"], rel=1e-4)
     assert m["mb16"]["grad_norm"] != pytest.approx(m["seq16"]["grad_norm"], rel=1e-3)  # the norms really differ

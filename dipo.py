@@ -212,10 +212,11 @@ def step_records(where):
     return torch.zeros(int(where["unit"].max()) + 1, dtype=torch.long).scatter(0, where["unit"], where["record"])
 
 
-def exact_terms(logq, where, sampler, below):
+def exact_terms(logq, where, below):
     """What the exact estimator takes ratios of: log q(token | its round's state) under the
     sampling distribution for every kept token [K], and the selection factor's log for every
-    sampler step [U] (None for `sequential`, whose choice of position does not depend on the model)."""
+    sampler step [U] (None without selection sets: `sequential`'s choice of position does not
+    depend on the model)."""
     kept, token = where["kept"].to(logq.device), where["token"].to(logq.device)
     token_logq = logq[kept].gather(-1, token[kept][:, None])[:, 0]
     if below is None:
@@ -252,13 +253,13 @@ def selection_sets(logq_old, token, kept, unit, num_units, strategy, threshold):
     and j stayed masked iff its draw had confidence < c (ties, a measure-zero event, aside)."""
     if strategy not in ("low_confidence_dynamic", "low_confidence_static"):
         raise ValueError(f"no selection factor for strategy {strategy!r}")
-    kept_conf = logq_old.gather(-1, token[:, None])[:, 0].exp()[kept]  # [K]
+    q_old = logq_old.exp()
+    kept_conf = q_old.gather(-1, token[:, None])[:, 0][kept]  # [K]
     if strategy == "low_confidence_dynamic":
         best = torch.zeros(num_units, dtype=kept_conf.dtype).scatter_reduce(0, unit[kept], kept_conf, "amax")
         cutoff = torch.where(best >= threshold, torch.full_like(best, threshold), best)  # [U]
     else:
         cutoff = torch.ones(num_units, dtype=kept_conf.dtype).scatter_reduce(0, unit[kept], kept_conf, "amin")
-    q_old = logq_old.exp()
     return (q_old < cutoff[unit][:, None]) & (q_old > 0)  # tokens top-k / top-p filtered out are never drawn
 
 
@@ -417,7 +418,7 @@ def main(cfg):
 
     def terms(logp, logq, where, below):
         """(the kept tokens' log-probabilities [K], the steps' selection log-factors [U] or None)"""
-        return (logp, None) if sampler is None else exact_terms(logq, where, sampler, below)
+        return (logp, None) if sampler is None else exact_terms(logq, where, below)
 
     def old_terms(logp, logq, where):
         """At step k's weights, detached: the kept tokens' logprobs at temperature 1 (for the

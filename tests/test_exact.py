@@ -108,7 +108,7 @@ def estimator_log_probs(model, trajectories, sampler, estimator):
         units = int(where["unit"].max()) + 1
         below = dipo.selection_sets(logq.detach(), where["token"], where["kept"], where["unit"], units,
                                     sampler["strategy"], sampler["threshold"])
-    tokens, selection = dipo.exact_terms(logq, where, sampler, below)
+    tokens, selection = dipo.exact_terms(logq, where, below)
     total = total.index_add(0, kept_record, tokens)
     if selection is not None:
         total = total.index_add(0, dipo.step_records(where), selection)

@@ -520,15 +520,19 @@ def init_distributed(device="auto"):
     return torch.distributed.get_rank(), world, torch.device(device)
 
 
-def shard_model(model):
+def shard_model(model, compute_dtype=torch.float32):
     """FSDP2: shard every decoder layer, then the rest. Gradients are summed across processes,
-    not averaged: each process's loss is already divided by the global count of its units."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    not averaged: each process's loss is already divided by the global count of its units.
+    With a bfloat16 compute dtype the weights are gathered and used in bfloat16 while each
+    process keeps its float32 shard (and AdamW's state) and gradients are reduced in float32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                                  reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model.lm_head)  # its own unit: forward_layout(at=...) calls it after the model's forward
-    fully_shard(model)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model.lm_head, mp_policy=policy)  # its own unit: forward_layout(at=...) calls it after the model's forward
+    fully_shard(model, mp_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -391,7 +391,7 @@ def main(cfg):
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
     if world > 1:
-        attention.shard_model(model)
+        attention.shard_model(model, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     if state and "optimizer" in state:
         attention.load_optimizer_state(model, optimizer, state["optimizer"])

@@ -34,9 +34,19 @@ rebuilds exactly those states, which is what makes it unbiased.
 Randomness is per sequence (a generator seeded by seed, policy step, prompt and sample), so
 a record does not depend on the batch it was sampled in.
 
-How this differs from the paper's code: the paper samples with a patched LMDeploy that
-returns step maps; here the sampler is plain PyTorch (any device), and --engine lmdeploy is
-accepted only when the installed LMDeploy can return the per-token step, never invented.
+--engine lmdeploy (CUDA) samples with LMDeploy instead, from the same flags
+(lmdeploy_settings), and converts its outputs into the same records (record_from_engine):
+its per-sequence step counter becomes the in-block step_map; a build without step maps is
+refused, never guessed around. Our model then re-scores --rescore records in the states
+their step maps imply and the engine-trainer logprob gap is printed and logged (or, when
+the engine gives no logprobs, our scores fill them in).
+
+How this differs from the paper's code: the paper samples with a patched LMDeploy 0.10.1
+that returns step maps and never checks the engine's logprobs against the trainer's; here
+the default sampler is plain PyTorch (any device), LMDeploy is optional, and its gap to
+the trainer is measured on every call. LMDeploy's response ends at the stop token, so
+whatever it committed after that token in the same block is not in the record, and DiPO's
+replay of that last block lacks it (dipo.py's mismatch line shows the size of that gap).
 """
 
 import hashlib
@@ -77,6 +87,8 @@ class Config:
     instruction: str = flag("auto", "sentence appended to questions; 'auto' = the checkpoint's")
     answer_format: str = flag("boxed", "how the grader reads answers: boxed or gsm8k")
     engine: str = flag("torch", "torch (this sampler) or lmdeploy (CUDA, needs a build that returns step maps)")
+    tp: int = flag(1, "--engine lmdeploy: tensor-parallel GPUs for the engine")
+    rescore: int = flag(64, "--engine lmdeploy: records re-scored by our model to measure the engine-trainer logprob gap")
     device: str = flag("auto", "auto (cuda if present), cpu or cuda")
     dtype: str = flag("float32", "float32 or bfloat16")
     seed: int = flag(0, "sampling seed")
@@ -242,12 +254,62 @@ def sequence_seed(seed, step, prompt_id, sample):
 # ----------------------------------------------------------------------------- engines
 
 
-def lmdeploy_engine(cfg):
-    """The optional LMDeploy engine (CUDA). DiPO needs the step at which each token was
-    unmasked; stock LMDeploy's dLLM decoding does not return it (DiRL patches it in), and a
-    record with an invented step_map would make the DiPO update silently wrong."""
+def lmdeploy_settings(cfg, block_size):
+    """Our sampler flags as LMDeploy's: (PytorchEngineConfig kwargs, GenerationConfig kwargs).
+    LMDeploy commits block_size // dllm_denoising_steps tokens per static or sequential step,
+    so `sequential` (one per step) is its sequential rule with block_size steps, and a static
+    quota that does not divide the block is refused (ours would split the remainder). In a
+    partial first block LMDeploy's static quota stays b // steps where ours splits the masked
+    count evenly: the rule differs there, DiPO does not care (it replays the recorded
+    step_map), --estimator exact refuses engine rollouts."""
+    steps = block_size if cfg.strategy == "sequential" else cfg.denoising_steps
+    if cfg.strategy == "low_confidence_static" and block_size % steps:
+        raise ValueError(f"--engine lmdeploy: --denoising-steps {steps} must divide the block size {block_size} "
+                         "(LMDeploy commits block_size // steps tokens per step)")
+    if cfg.dtype != "bfloat16":
+        raise ValueError("--engine lmdeploy computes in bfloat16 (or float16), not float32: pass --dtype bfloat16")
+    engine = {"dllm_block_length": block_size, "dllm_unmasking_strategy": cfg.strategy, "dllm_denoising_steps": steps,
+              "dllm_confidence_threshold": cfg.threshold, "dtype": "bfloat16", "tp": cfg.tp}
+    generation = {"do_sample": cfg.temperature > 0, "temperature": cfg.temperature, "top_k": cfg.top_k,
+                  "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "logprobs": 1}
+    return engine, generation
+
+
+def record_from_engine(prompt_len, token_ids, step_map, logprobs, finish_reason, block_size):
+    """One LMDeploy response as our record's fields: (response_ids, step_map, logprobs, finish).
+    The patched engine's step_map is one counter per sequence that grows on every iteration
+    that unmasks something, across blocks (PAPER.md, "Rollout engine"); ours counts from 0
+    inside each block. Every step commits at least one token, so a block's counters are
+    consecutive and subtracting the block's first one converts them; anything else is
+    refused rather than guessed. logprobs: LMDeploy's per-token {token id: logprob} dicts
+    (None when the engine gave none: the caller re-scores)."""
+    if len(step_map) != len(token_ids) or (logprobs is not None and len(logprobs) != len(token_ids)):
+        raise ValueError(f"--engine lmdeploy: {len(token_ids)} tokens but {len(step_map)} step_map entries"
+                         + ("" if logprobs is None else f" and {len(logprobs)} logprobs"))
+    if finish_reason not in ("stop", "length"):
+        raise ValueError(f"--engine lmdeploy: finish_reason {finish_reason!r} (expected stop or length)")
+    local = []
+    for i, s in enumerate(step_map):
+        block = (prompt_len + i) // block_size
+        members = [step_map[j] for j in range(len(step_map)) if (prompt_len + j) // block_size == block]
+        if sorted(set(members)) != list(range(min(members), max(members) + 1)):
+            raise ValueError(f"--engine lmdeploy: block {block}'s step counters {members} are not consecutive")
+        local.append(s - min(members))
+    lps = None
+    if logprobs is not None:
+        lps = []
+        for i, (token, scores) in enumerate(zip(token_ids, logprobs)):
+            scores = {int(k): float(v) for k, v in scores.items()}
+            if token not in scores:
+                raise ValueError(f"--engine lmdeploy: token {i} ({token}) has no logprob in the engine output")
+            lps.append(scores[token])
+    return list(token_ids), local, lps, finish_reason
+
+
+def require_lmdeploy():
+    """The lmdeploy module, if installed and able to return step maps; else a clear refusal."""
     try:
-        import lmdeploy  # noqa: F401  (optional, requirements-gpu.txt)
+        import lmdeploy  # optional, requirements-gpu.txt
     except ImportError:
         raise ValueError("--engine lmdeploy: lmdeploy is not installed (pip install -r requirements-gpu.txt on a CUDA machine)") from None
     from lmdeploy.messages import Response
@@ -255,8 +317,69 @@ def lmdeploy_engine(cfg):
     if "step_map" not in getattr(Response, "__dataclass_fields__", {}):
         raise ValueError(f"--engine lmdeploy: this LMDeploy build ({lmdeploy.__version__}) does not return the step at "
                          "which each token was unmasked (Response.step_map); DiPO replays exactly those states, so "
-                         "rollouts without it cannot be trained on. Use --engine torch, or a build with DiRL's patch.")
-    raise ValueError("--engine lmdeploy: a step_map-returning build was found, but driving it is not implemented yet (issue 9)")
+                         "rollouts without it cannot be trained on. Use --engine torch, or a build with DiRL's patch "
+                         "(README, \"LMDeploy\").")
+    return lmdeploy
+
+
+def lmdeploy_generate(policy, texts, seeds, cfg, block_size):
+    """Sample with LMDeploy (CUDA): one response per rendered prompt text, the patched build's
+    Response.step_map required. Returns the Response objects."""
+    lmdeploy = require_lmdeploy()
+    engine, generation = lmdeploy_settings(cfg, block_size)
+    GenerationConfig, PytorchEngineConfig, pipeline = lmdeploy.GenerationConfig, lmdeploy.PytorchEngineConfig, lmdeploy.pipeline
+    pipe = pipeline(str(policy), backend_config=PytorchEngineConfig(**engine))
+    try:  # the prompts are rendered already: no chat template on top
+        return pipe(texts, gen_config=[GenerationConfig(**generation, random_seed=s) for s in seeds], do_preprocess=False)
+    finally:
+        pipe.close()
+
+
+def rescore(model, records, micro_batch_size):
+    """Our model's logprob (float32) of every response token in the state its step_map implies
+    (the packed forward dipo.py trains with). Returns one list per record."""
+    import dipo  # the trainer's own scoring, so that the comparison is with what DiPO uses
+
+    scores = [[0.0] * len(r["response_ids"]) for r in records]
+    c = model.config
+    for start in range(0, len(records), micro_batch_size):
+        chunk = records[start:start + micro_batch_size]
+        batch = dipo.build_batch(chunk, c.mask_token_id, c.block_size, c.pad_token_id, row_len=0)
+        with torch.no_grad():
+            logp = dipo.token_logprobs(model, batch, model.device, torch.float32).tolist()
+        for r, i, v in zip(batch[2]["record"].tolist(), batch[2]["index"].tolist(), logp):
+            scores[start + r][i] = v
+    return scores
+
+
+def lmdeploy_results(policy, texts, prompt_ids, seeds, cfg, block_size):
+    """Sample every job with LMDeploy; the same dicts as generate() returns (logprobs None
+    when the engine gave none)."""
+    responses = lmdeploy_generate(policy, texts, seeds, cfg, block_size)
+    results = []
+    for ids, resp in zip(prompt_ids, responses):
+        if resp.input_token_len != len(ids):
+            raise ValueError(f"--engine lmdeploy: the engine read {resp.input_token_len} prompt tokens where our "
+                             f"tokenizer has {len(ids)}: the checkpoint's tokenizers differ")
+        response, step_map, logprobs, finish = record_from_engine(len(ids), resp.token_ids, resp.step_map, resp.logprobs,
+                                                                  resp.finish_reason, block_size)
+        results.append(dict(response_ids=response, step_map=step_map, logprobs=logprobs, finish=finish))
+    return results
+
+
+def check_engine_logprobs(model, records, sample_size):
+    """The engine-trainer check DiRL never makes: re-score every len/sample_size-th record with
+    our model in the states its step_map implies and compare with the engine's logprobs.
+    Records without engine logprobs get ours (all of them are re-scored then)."""
+    missing = [r for r in records if r["logprobs"] is None]
+    for r, scores in zip(missing, rescore(model, missing, 4)):
+        r["logprobs"] = scores
+    if missing:
+        return {"engine_logprobs": False}
+    sample = records[::max(1, len(records) // max(1, sample_size))]
+    gaps = [abs(a - b) for r, scores in zip(sample, rescore(model, sample, 4)) for a, b in zip(r["logprobs"], scores)]
+    return {"engine_logprobs": True, "engine_mismatch_mean": sum(gaps) / max(1, len(gaps)),
+            "engine_mismatch_max": max(gaps, default=0.0), "engine_mismatch_records": len(sample)}
 
 
 # ----------------------------------------------------------------------------- main
@@ -282,16 +405,21 @@ def main(cfg):
     if cfg.engine not in ("torch", "lmdeploy"):
         raise ValueError(f"--engine {cfg.engine!r}: choose torch or lmdeploy")
     if cfg.engine == "lmdeploy":
-        lmdeploy_engine(cfg)
+        require_lmdeploy()  # refuse before anything is loaded
     step, policy, out = output_path(cfg)
     if out.exists() and not cfg.force:  # written atomically, so it is whole: a rerun loop moves on
         print(f"rollout: {out} already exists (policy step {step} was sampled); keeping it (--force resamples)")
         return
     rank, world, device = attention.init_distributed(cfg.device)  # under torchrun each process samples a share
+    if cfg.engine == "lmdeploy" and world > 1:
+        raise ValueError("--engine lmdeploy runs in one process (LMDeploy shards the model itself: --tp); drop torchrun")
     if not cfg.policy and rank == 0:
         attention.record_invocation(cfg.run, "rollout", cfg)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    model, tokenizer = attention.load_model(str(policy), dtype=dtype, device=device, attn="sdpa")
+    if cfg.engine == "lmdeploy":  # our model waits on the CPU until the engine is done, then re-scores in float32
+        model, tokenizer = attention.load_model(str(policy), dtype=torch.float32, device="cpu", attn="sdpa")
+    else:
+        model, tokenizer = attention.load_model(str(policy), dtype=dtype, device=device, attn="sdpa")
     model.eval()
     if cfg.block_size and cfg.block_size != model.config.block_size:
         raise ValueError(f"--block-size {cfg.block_size} differs from the checkpoint's {model.config.block_size} ({policy})")
@@ -307,15 +435,20 @@ def main(cfg):
                "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "engine": cfg.engine, "seed": cfg.seed}
 
     jobs = [(i, j) for i in chosen for j in range(cfg.group_size)]  # (prompt index, sample index)
-    prompt_ids = {i: tokenizer(attention.render_prompt(prompts[i]["question"], instruction), add_special_tokens=False)["input_ids"]
-                  for i in chosen}
+    texts = {i: attention.render_prompt(prompts[i]["question"], instruction) for i in chosen}
+    prompt_ids = {i: tokenizer(texts[i], add_special_tokens=False)["input_ids"] for i in chosen}
     jobs = jobs[rank::world]
     records, t0, new_tokens = [], time.time(), 0
     bar = tqdm(total=len(jobs), desc=f"rollout step {step}", unit="seq", disable=rank != 0)
-    for start in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[start:start + cfg.batch_size]
-        generators = [torch.Generator().manual_seed(sequence_seed(cfg.seed, step, i, j)) for i, j in batch]
-        results = generate(model, [prompt_ids[i] for i, _ in batch], generators, cfg, stop_ids)
+    for batch in ([jobs] if cfg.engine == "lmdeploy" else
+                  [jobs[start:start + cfg.batch_size] for start in range(0, len(jobs), cfg.batch_size)]):
+        seeds = [sequence_seed(cfg.seed, step, i, j) for i, j in batch]
+        if cfg.engine == "lmdeploy":
+            results = lmdeploy_results(policy, [texts[i] for i, _ in batch], [prompt_ids[i] for i, _ in batch], seeds, cfg,
+                                       model.config.block_size)
+        else:
+            generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+            results = generate(model, [prompt_ids[i] for i, _ in batch], generators, cfg, stop_ids)
         for (i, j), res in zip(batch, results):
             response = res["response_ids"]
             text = tokenizer.decode(response[:stop_index(response, stop_ids)])
@@ -332,6 +465,7 @@ def main(cfg):
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{new_tokens / (time.time() - t0):.0f}")
     bar.close()
+    engine_check = check_engine_logprobs(model.to(device), records, cfg.rescore) if cfg.engine == "lmdeploy" else {}
     if world > 1:  # every process writes its share; process 0 interleaves them back into job order
         part = out.with_name(f"{out.name}.rank{rank}.part")
         attention.write_atomic(part, "".join(json.dumps(r) + "\n" for r in records))
@@ -352,13 +486,18 @@ def main(cfg):
                "response_tokens": new_tokens / n,
                "tokens_per_forward": new_tokens / max(1, sum(grader.forwards_of(r) for r in records)),
                "truncated": sum(r["finish"] == "length" for r in records) / n, "seconds": seconds,
-               "tokens_per_s": new_tokens / seconds}
+               "tokens_per_s": new_tokens / seconds, **engine_check}
     if not cfg.policy:  # before the file, the commit point: a kill in between repeats the line, never loses it
         attention.append_metrics(cfg.run, summary)
     attention.write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
     print(f"rollout step {step}: {len(records)} responses to {len(chosen)} prompts -> {out} | reward {summary['reward']:.3f} | "
           f"{summary['response_tokens']:.1f} tokens/response | {summary['tokens_per_forward']:.2f} tokens/forward | "
           f"truncated {summary['truncated']:.1%} | {seconds:.1f} s")
+    if engine_check.get("engine_logprobs"):
+        print(f"engine-trainer logprob gap over {engine_check['engine_mismatch_records']} re-scored records: mean "
+              f"{engine_check['engine_mismatch_mean']:.1e} max {engine_check['engine_mismatch_max']:.1e}")
+    elif engine_check:
+        print("the engine returned no logprobs: every record's logprobs are our model's re-score")
 
 
 if __name__ == "__main__":

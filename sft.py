@@ -290,7 +290,7 @@ def main(cfg):
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
     if world > 1:
-        attention.shard_model(model)
+        attention.shard_model(model, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))

@@ -127,6 +127,44 @@ def test_backends_agree_through_the_model(tiny):
     torch.testing.assert_close(logits["flex"][real], logits["sdpa"][real], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention has no CPU backward)")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_flex_and_dense_give_the_same_loss_and_gradients_on_cuda(dtype, tol):
+    """The training paths: compiled FlexAttention (the CUDA default) against SDPA with the dense
+    mask from the same mask_mod, under autocast as sft.py and dipo.py run them."""
+    model, _ = attention.load_model("tiny", seed=1, device="cuda")
+    layout = attention.make_layout([[(12, 2, 4), (5, 1, 0)], [(16, 2, 8)]], block_size=4)
+    ids = torch.randint(4, model.config.vocab_size, layout.doc.shape, generator=torch.Generator().manual_seed(0)).cuda()
+    real = (layout.doc >= 0).cuda()
+    results = {}
+    for backend in ["sdpa", "flex"]:
+        model.set_attn_implementation(attention.BACKENDS[backend])
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            logits = attention.forward_layout(model, ids, layout)
+        loss = torch.log_softmax(logits.float(), -1)[real].logsumexp(-1).mean()
+        loss.backward()
+        results[backend] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.set_attn_implementation("sdpa")
+    assert results["flex"][0] == pytest.approx(results["sdpa"][0], rel=tol)
+    torch.testing.assert_close(results["flex"][1], results["sdpa"][1], atol=tol, rtol=tol)
+
+
+def test_fsdp_gathers_weights_in_the_compute_dtype(tmp_path):
+    """shard_model with bfloat16: forward in bf16 without autocast (FSDP2 casts the gathered
+    weights) while the sharded parameters, which AdamW updates, stay float32."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            model, _ = attention.load_model("tiny", seed=1)
+            attention.shard_model(model, dtype)
+            assert all(p.dtype == torch.float32 for p in model.parameters())
+            logits = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+            assert logits.dtype == dtype
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def block_causal_logits(model, ids, block_size):
     """Reference: one plain sequence with an ordinary block-causal mask, built here."""
     n = ids.shape[1]

@@ -3,6 +3,7 @@ logprob is the model's in the state its step_map implies, the commit rules, stop
 script's files and refusals."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -260,9 +261,102 @@ def test_cuda_sampler_equals_recompute_everything(stopping_model):
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and lmdeploy_installed()), reason="needs CUDA and lmdeploy")
-def test_lmdeploy_engine_returns_step_maps_or_says_why_not(run_dir, tmp_path):
-    out = run_rollout(["--run", run_dir, "--engine", "lmdeploy", "--out", tmp_path / "o.jsonl"])
-    assert out.returncode != 0 and ("step_map" in out.stderr or "not implemented" in out.stderr)
+def test_lmdeploy_engine_samples_or_says_why_not(run_dir, tmp_path):
+    out = run_rollout(["--run", run_dir, "--engine", "lmdeploy", "--dtype", "bfloat16", "--out", tmp_path / "o.jsonl"])
+    if out.returncode != 0:  # a stock build: refused with the reason
+        assert "Response.step_map" in out.stderr
+        return
+    records = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert records and all(len(r["step_map"]) == len(r["response_ids"]) == len(r["logprobs"]) for r in records)
+    assert "engine-trainer logprob gap" in out.stdout or "no logprobs" in out.stdout
+
+
+def test_lmdeploy_settings_follow_our_flags():
+    cfg = rollout.Config(strategy="low_confidence_dynamic", threshold=0.8, temperature=1.0, top_k=50, top_p=0.9,
+                         max_new_tokens=64, dtype="bfloat16", tp=2)
+    engine, generation = rollout.lmdeploy_settings(cfg, block_size=4)
+    assert engine == {"dllm_block_length": 4, "dllm_unmasking_strategy": "low_confidence_dynamic", "dllm_denoising_steps": 4,
+                      "dllm_confidence_threshold": 0.8, "dtype": "bfloat16", "tp": 2}
+    assert generation == {"do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 0.9, "max_new_tokens": 64, "logprobs": 1}
+    cfg.strategy, cfg.denoising_steps = "sequential", 2  # ours commits one token per step: LMDeploy's with b steps
+    assert rollout.lmdeploy_settings(cfg, 4)[0]["dllm_denoising_steps"] == 4
+    cfg.strategy, cfg.temperature = "low_confidence_static", 0.0
+    engine, generation = rollout.lmdeploy_settings(cfg, 4)
+    assert engine["dllm_denoising_steps"] == 2 and not generation["do_sample"]
+    cfg.denoising_steps = 3  # LMDeploy's quota is b // steps: a remainder would not be split as ours is
+    with pytest.raises(ValueError, match="must divide the block size"):
+        rollout.lmdeploy_settings(cfg, 4)
+    with pytest.raises(ValueError, match="bfloat16"):
+        rollout.lmdeploy_settings(rollout.Config(dtype="float32"), 4)
+
+
+def test_engine_step_counters_become_in_block_step_maps():
+    # prompt of 5 tokens, block 4: response positions 5-7 end block 1, 8-11 are block 2; the
+    # engine's counter runs on across blocks and starts anywhere
+    lps = [{t: -0.1 * t, 99: -5.0} for t in (10, 11, 12, 13, 14, 15, 16)]
+    ids, steps, logprobs, finish = rollout.record_from_engine(5, [10, 11, 12, 13, 14, 15, 16], [2, 1, 1, 3, 4, 4, 5], lps,
+                                                              "stop", 4)
+    assert ids == [10, 11, 12, 13, 14, 15, 16] and steps == [1, 0, 0, 0, 1, 1, 2] and finish == "stop"
+    assert logprobs == pytest.approx([-1.0, -1.1, -1.2, -1.3, -1.4, -1.5, -1.6])
+    assert rollout.record_from_engine(5, [10, 11], [7, 7], None, "length", 4)[1:3] == ([0, 0], None)
+    for args, message in (((5, [10, 11, 12], [1, 3, 3], None, "stop", 4), "not consecutive"),  # a step that unmasked nothing
+                          ((5, [10, 11], [1], None, "stop", 4), "step_map entries"),
+                          ((5, [10], [1], [{11: -1.0}], "stop", 4), "no logprob"),
+                          ((5, [10], [1], None, "abort", 4), "finish_reason")):
+        with pytest.raises(ValueError, match=message):
+            rollout.record_from_engine(*args)
+
+
+def test_engine_logprobs_are_checked_against_ours(run_dir, stopping_model, tmp_path):
+    model, _ = stopping_model
+    rollout.main(rollout.Config(run=str(run_dir), out=str(tmp_path / "r.jsonl"), num_prompts=3, group_size=2, threshold=0.05,
+                                max_new_tokens=12, threads=1))
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    check = rollout.check_engine_logprobs(model, records, sample_size=100)
+    assert check["engine_logprobs"] and check["engine_mismatch_records"] == len(records)
+    assert check["engine_mismatch_max"] < 1e-4  # our own sampler's logprobs: the same model, the same states
+    records[1]["logprobs"][0] += 0.5
+    assert rollout.check_engine_logprobs(model, records, 100)["engine_mismatch_max"] == pytest.approx(0.5, abs=1e-4)
+    wanted = [r["logprobs"] for r in records[2:]]
+    for r in records[2:]:
+        r["logprobs"] = None  # an engine that gives none: every record is re-scored by our model
+    assert rollout.check_engine_logprobs(model, records[2:], 100) == {"engine_logprobs": False}
+    for want, r in zip(wanted, records[2:]):
+        assert r["logprobs"] == pytest.approx(want, abs=1e-4)
+
+
+def run_with_fake_lmdeploy(args, **env):
+    """rollout.py --engine lmdeploy against tests/fake_lmdeploy: our sampler in LMDeploy's output layout."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fake_lmdeploy"), str(ROOT)]), **env}
+    return subprocess.run([sys.executable, str(ROOT / "rollout.py"), "--threads", "1", "--engine", "lmdeploy",
+                           "--dtype", "bfloat16", *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def test_lmdeploy_engine_path_writes_our_records(run_dir, tmp_path, stopping_model):
+    _, tokenizer = stopping_model
+    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)}
+    args = ["--run", run_dir, "--num-prompts", 3, "--group-size", 2, "--threshold", 0.05, "--max-new-tokens", 12]
+    ours = run_rollout(args + ["--out", tmp_path / "torch.jsonl"])
+    assert ours.returncode == 0, ours.stderr
+    engine = run_with_fake_lmdeploy(args + ["--out", tmp_path / "engine.jsonl"])
+    assert engine.returncode == 0, engine.stderr
+    assert "engine-trainer logprob gap over 6 re-scored records" in engine.stdout
+    want = [json.loads(line) for line in (tmp_path / "torch.jsonl").read_text().splitlines()]
+    got = [json.loads(line) for line in (tmp_path / "engine.jsonl").read_text().splitlines()]
+    assert len(got) == len(want) == 6
+    for w, g in zip(want, got):
+        n = rollout.stop_index(w["response_ids"], stop_ids) + 1 if w["finish"] == "stop" else len(w["response_ids"])
+        assert g["response_ids"] == w["response_ids"][:n]  # LMDeploy's response ends at the stop token
+        assert g["step_map"] == w["step_map"][:n] and g["logprobs"] == pytest.approx(w["logprobs"][:n], abs=1e-6)
+        assert (g["text"], g["reward"], g["finish"], g["sampler"]["engine"]) == (w["text"], w["reward"], w["finish"], "lmdeploy")
+    no_logprobs = run_with_fake_lmdeploy(args + ["--out", tmp_path / "filled.jsonl"], FAKE_LMDEPLOY_LOGPROBS="0")
+    assert no_logprobs.returncode == 0 and "no logprobs" in no_logprobs.stdout
+    filled = [json.loads(line) for line in (tmp_path / "filled.jsonl").read_text().splitlines()]
+    assert all(len(r["logprobs"]) == len(r["response_ids"]) for r in filled)
+    stock = run_with_fake_lmdeploy(args + ["--out", tmp_path / "stock.jsonl"], FAKE_LMDEPLOY_STEP_MAP="0")
+    assert stock.returncode != 0 and "does not return the step" in stock.stderr and not (tmp_path / "stock.jsonl").exists()
+    fp32 = run_with_fake_lmdeploy(args + ["--out", tmp_path / "x.jsonl", "--dtype", "float32"])
+    assert fp32.returncode != 0 and "pass --dtype bfloat16" in fp32.stderr
 
 
 def test_prompt_selection_moves_on_with_the_policy_step():

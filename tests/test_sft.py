@@ -165,8 +165,11 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert changed.returncode != 0 and "other settings" in changed.stderr
 
 
-def test_two_processes_give_the_same_losses_and_gradient_norms(tmp_path):
-    args = common(tmp_path, "one", steps=3) + ["--log-every", 1, "--eval-docs", 0]
+@pytest.mark.parametrize("dtype,rel", [("float32", 1e-4), ("bfloat16", 2e-2)])
+def test_two_processes_give_the_same_losses_and_gradient_norms(tmp_path, dtype, rel):
+    """bfloat16: autocast in one process against FSDP2's mixed precision (bf16 gathered
+    weights, fp32 shards and gradient reduction) in two; equal to bf16 rounding."""
+    args = common(tmp_path, "one", steps=3) + ["--log-every", 1, "--eval-docs", 0, "--dtype", dtype]
     assert run_sft(args).returncode == 0
     two = args[:3] + [tmp_path / "two"] + args[4:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -176,12 +179,16 @@ def test_two_processes_give_the_same_losses_and_gradient_norms(tmp_path):
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     for a, b in zip(one[:3], two[:3]):
         assert a["step"] == b["step"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], rel=rel)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=rel)
     w1 = load_file(tmp_path / "one" / "policy" / "step_000000" / "model.safetensors")
     w2 = load_file(tmp_path / "two" / "policy" / "step_000000" / "model.safetensors")
     for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=1e-4)
+        assert w2[name].dtype == torch.float32  # the master weights stay float32
+        # AdamW moves a weight by about lr per step whatever the gradient's size, so where bf16
+        # rounding flips a tiny gradient the two runs can move apart by twice the summed lr
+        # (2 x 4e-3 here); the losses and gradient norms above are the tight check
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-5 if dtype == "float32" else 8e-3, rtol=rel)
 
 
 @pytest.mark.parametrize("content,message", [

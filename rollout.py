@@ -52,6 +52,7 @@ replay of that last block lacks it (dipo.py's mismatch line shows the size of th
 import hashlib
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,11 +329,25 @@ def lmdeploy_generate(policy, texts, seeds, cfg, block_size):
     lmdeploy = require_lmdeploy()
     engine, generation = lmdeploy_settings(cfg, block_size)
     GenerationConfig, PytorchEngineConfig, pipeline = lmdeploy.GenerationConfig, lmdeploy.PytorchEngineConfig, lmdeploy.pipeline
-    pipe = pipeline(str(policy), backend_config=PytorchEngineConfig(**engine))
-    try:  # the prompts are rendered already: no chat template on top
-        return pipe(texts, gen_config=[GenerationConfig(**generation, random_seed=s) for s in seeds], do_preprocess=False)
-    finally:
-        pipe.close()
+    with tempfile.TemporaryDirectory() as view:
+        pipe = pipeline(str(engine_view(policy, Path(view))), backend_config=PytorchEngineConfig(**engine))
+        try:  # the prompts are rendered already: no chat template on top
+            return pipe(texts, gen_config=[GenerationConfig(**generation, random_seed=s) for s in seeds], do_preprocess=False)
+        finally:
+            pipe.close()
+
+
+def engine_view(policy, view):
+    """Our checkpoints are saved as Qwen3 (model_type "qwen3"); LMDeploy picks its dLLM SDAR
+    model by architecture name. The view links every file of the checkpoint and rewrites only
+    config.json's architectures to SDARForCausalLM (model_type stays qwen3, which transformers'
+    AutoConfig reads without SDAR's custom code). Returns the view's dir."""
+    for f in Path(policy).iterdir():
+        if f.name != "config.json":
+            (view / f.name).symlink_to(f.resolve())
+    config = json.loads((Path(policy) / "config.json").read_text())
+    (view / "config.json").write_text(json.dumps({**config, "architectures": ["SDARForCausalLM"]}, indent=2))
+    return view
 
 
 def rescore(model, records, micro_batch_size):

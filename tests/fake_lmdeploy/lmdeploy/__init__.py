@@ -40,8 +40,12 @@ class PytorchEngineConfig:
 
 class pipeline:
     def __init__(self, path, backend_config):
+        import json
+        from pathlib import Path
+
         import attention
 
+        assert json.loads((Path(path) / "config.json").read_text())["architectures"] == ["SDARForCausalLM"]
         self.model, self.tokenizer = attention.load_model(path)
         self.engine = backend_config
         assert backend_config.dllm_block_length == self.model.config.block_size

@@ -289,13 +289,13 @@ def record_from_engine(prompt_len, token_ids, step_map, logprobs, finish_reason,
                          + ("" if logprobs is None else f" and {len(logprobs)} logprobs"))
     if finish_reason not in ("stop", "length"):
         raise ValueError(f"--engine lmdeploy: finish_reason {finish_reason!r} (expected stop or length)")
-    local = []
+    counters = {}  # block -> the counters of its tokens
     for i, s in enumerate(step_map):
-        block = (prompt_len + i) // block_size
-        members = [step_map[j] for j in range(len(step_map)) if (prompt_len + j) // block_size == block]
+        counters.setdefault((prompt_len + i) // block_size, []).append(s)
+    for block, members in counters.items():
         if sorted(set(members)) != list(range(min(members), max(members) + 1)):
             raise ValueError(f"--engine lmdeploy: block {block}'s step counters {members} are not consecutive")
-        local.append(s - min(members))
+    local = [s - min(counters[(prompt_len + i) // block_size]) for i, s in enumerate(step_map)]
     lps = None
     if logprobs is not None:
         lps = []
@@ -359,7 +359,7 @@ def rescore(model, records, micro_batch_size):
     c = model.config
     for start in range(0, len(records), micro_batch_size):
         chunk = records[start:start + micro_batch_size]
-        batch = dipo.build_batch(chunk, c.mask_token_id, c.block_size, c.pad_token_id, row_len=0)
+        batch = dipo.build_batch(chunk, c.mask_token_id, c.block_size, c.eos_token_id, row_len=0)  # as dipo.py packs
         with torch.no_grad():
             logp = dipo.token_logprobs(model, batch, model.device, torch.float32).tolist()
         for r, i, v in zip(batch[2]["record"].tolist(), batch[2]["index"].tolist(), logp):

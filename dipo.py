@@ -403,7 +403,8 @@ def main(cfg):
 
     # Minibatches over all records, then this process's micro-batches; the same split every epoch.
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + step)).tolist()
-    minibatches = [order[m::cfg.minibatches] for m in range(cfg.minibatches)]
+    count = min(cfg.minibatches, len(records))  # never an empty minibatch
+    minibatches = [order[m::count] for m in range(count)]
     plan = []  # per minibatch: (record indices, real?, packed batch) per micro-batch
     for mb in minibatches:
         micro_count = max(1, math.ceil(len(mb) / (cfg.micro_batch_size * world)))
@@ -547,7 +548,7 @@ def main(cfg):
         attention.save_checkpoint(model, tokenizer, attention.policy_dir(run, step + 1), state_dict=model_sd)
     timing["io"] += time.time() - t
     tokens = max(1.0, stats["tokens"])
-    log.update({"updated": True, "loss": stats["loss"] / (cfg.ppo_epochs * cfg.minibatches), "clip_frac": stats["clipped"] / tokens,
+    log.update({"updated": True, "loss": stats["loss"] / (cfg.ppo_epochs * len(minibatches)), "clip_frac": stats["clipped"] / tokens,
                 "approx_kl": stats["approx_kl"] / tokens, "entropy": stats["entropy"] / tokens, "grad_norm": stats["grad_norm"],
                 "mismatch_mean": stats["mismatch_sum"] / stats["mismatch_count"], "mismatch_max": stats["mismatch_max"],
                 "tokens_per_s": tokens / max(1e-9, timing["forward"] + timing["backward"]),

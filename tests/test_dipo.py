@@ -251,6 +251,10 @@ def test_update_at_the_sampling_weights_has_no_mismatch_and_ratio_one(tmp_path):
     assert run_dipo(run, "--minibatches", 2, "--ppo-epochs", 2).returncode == 0 and attention.latest_policy(run)[0] == 2
     m = metrics(run)[-1]
     assert m["mismatch_max"] < 1e-4 and m["approx_kl"] > 0.0
+    sample(run, 2)  # more minibatches than responses: one response each, none left empty
+    out = run_dipo(run, "--minibatches", 40)
+    assert out.returncode == 0, out.stderr
+    assert attention.latest_policy(run)[0] == 3 and metrics(run)[-1]["mismatch_max"] < 1e-4
 
 
 def update_copies(tmp_path, variants, two_processes=()):

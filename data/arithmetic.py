@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import random
-import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -54,19 +53,15 @@ def render(terms):
     return "".join(t if isinstance(t, str) else render_number(t) for t in terms)
 
 
-def solve(terms, slip=None):
+def solve(terms):
     """terms: [number, op, number, ...]. Apply one operation at a time (*, / first, then
-    + and -, each left to right); return the list of intermediate expressions and the value.
-    slip = (k, delta): the k-th operation's result comes out off by delta and the rest of
-    the solution carries the wrong number on, as a teacher's arithmetic slip does."""
+    + and -, each left to right); return the list of intermediate expressions and the value."""
     terms, steps, text = list(terms), [], render(terms)
-    for k in range(len(terms) // 2):
+    while len(terms) > 1:
         ops = [i for i in range(1, len(terms), 2) if terms[i] in "*/"] or list(range(1, len(terms), 2))
         i = ops[0]
         a, op, b = terms[i - 1 : i + 2]
         value = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
-        if slip is not None and slip[0] == k:
-            value += slip[1]
         terms[i - 1 : i + 2] = [value]
         if render(terms) != (steps[-1] if steps else text):  # 4/7 stays "4/7": no step to show
             steps.append(render(terms))
@@ -104,26 +99,10 @@ def generate(seed, counts, min_ops=1, max_ops=3, digits=1, fractions=False):
     raise ValueError(f"could not draw {counts} distinct problems with these knobs; the problem space is too small")
 
 
-def teacher_response(question, seed, slip_rate):
-    """The worked solution an imperfect teacher writes for an SFT problem: with probability
-    slip_rate (a coin per question and seed, so the files are reproducible) one operation's
-    result is off by 1 to 3 either way and the slip is carried on to the boxed answer; else
-    None (the correct solution stands)."""
-    coin = random.Random(f"{seed}/{question}")
-    if coin.random() >= slip_rate:
-        return None
-    terms = [t if t in OPERATORS + "/" else Fraction(int(t)) for t in re.findall(r"\d+|[-+*/]", question)]
-    steps, value = solve(terms, slip=(coin.randrange(len(terms) // 2), coin.choice([-3, -2, -1, 1, 2, 3])))
-    return "=".join([question] + steps) + f"\n\\boxed{{{render_answer(value)}}}"
-
-
-def records(split, problems, seed=0, slip_rate=0.0):
+def records(split, problems):
     for question, response, answer in problems:
-        base = {"ground_truth_answer": answer, "data_source": "arith"}  # always the true answer
-        if split == "sft":
-            yield {"prompt": question, "response": teacher_response(question, seed, slip_rate) or response, **base}
-        else:
-            yield {"question": question, **base}
+        base = {"ground_truth_answer": answer, "data_source": "arith"}
+        yield {"prompt": question, "response": response, **base} if split == "sft" else {"question": question, **base}
 
 
 def write_jsonl(path, rows):
@@ -145,9 +124,6 @@ def main(argv=None):
     parser.add_argument("--max-ops", type=int, default=3, help="most operators per problem (default: 3)")
     parser.add_argument("--digits", type=int, default=1, help="digits per operand (default: 1)")
     parser.add_argument("--fractions", action=argparse.BooleanOptionalAction, default=False, help="also use '/', answers as reduced fractions (default: off)")
-    parser.add_argument("--teacher-slips", type=float, default=0.0,
-                        help="fraction of SFT solutions with one arithmetic slip carried to the boxed answer, as an "
-                             "imperfect teacher writes them; ground_truth_answer stays right (default: 0)")
     args = parser.parse_args(argv)
     if not 1 <= args.min_ops <= args.max_ops or args.digits < 1:
         parser.error("need 1 <= --min-ops <= --max-ops and --digits >= 1")
@@ -159,7 +135,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for split, problems in splits.items():
-        write_jsonl(out / f"arith_{split}.jsonl", records(split, problems, args.seed, args.teacher_slips))
+        write_jsonl(out / f"arith_{split}.jsonl", records(split, problems))
         print(f"wrote {len(problems)} problems to {out / f'arith_{split}.jsonl'}")
 
 

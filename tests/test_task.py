@@ -97,33 +97,3 @@ def test_tokenizer_roundtrips_every_string_of_the_task():
     special = [tokenizer.convert_tokens_to_ids(t) for t in attention.SPECIAL_TOKENS]
     assert tokenizer("<|im_start|>user\n<|MASK|><|im_end|>")["input_ids"][0] == special[1]
     assert len(set(special)) == 4 and tokenizer.eos_token_id == tokenizer.pad_token_id == special[0]
-
-
-def terms_of(expression):
-    """"3+-2*4" -> [3, "+", -2, "*", 4]: a minus right after an operator or at the start is a sign."""
-    return [Fraction(t) if t[-1].isdigit() else t for t in re.findall(r"(?<!\d)-?\d+|[-+*/]", expression)]
-
-
-def test_teacher_slips_are_single_carried_errors():
-    problems = arithmetic.generate(3, {"sft": 2000, "rl": 0, "test": 0})["sft"]
-    rows = list(arithmetic.records("sft", problems, seed=3, slip_rate=0.3))
-    assert rows == list(arithmetic.records("sft", problems, seed=3, slip_rate=0.3))  # reproducible
-    assert [r["response"] for r in arithmetic.records("sft", problems, seed=3)] == [p[1] for p in problems]
-    slipped = 0
-    for (question, clean, answer), row in zip(problems, rows):
-        assert row["ground_truth_answer"] == answer == str(evaluate(question))  # the truth is never changed
-        if row["response"] == clean:
-            continue
-        slipped += 1
-        steps, boxed = row["response"].split("\n")
-        chain = steps.split("=")
-        assert chain[0] == question and boxed == f"\\boxed{{{evaluate(chain[-1])}}}"
-        # every link is one correct operation on the previous one, except one link whose new
-        # number is off by 1 to 3 (the slip; later links carry it on)
-        wrong = []
-        for a, b in zip(chain, chain[1:]):
-            right = arithmetic.solve(terms_of(a))[0][0]
-            if b != right:
-                wrong.append([x - y for x, y in zip(terms_of(b), terms_of(right)) if x != y])
-        assert len(wrong) == 1 and len(wrong[0]) == 1 and 1 <= abs(wrong[0][0]) <= 3
-    assert 0.25 < slipped / len(rows) < 0.35

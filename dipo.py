@@ -50,9 +50,11 @@ once with attention.py's mask; the LM head runs only at the tokens each round sc
 How this differs from the paper's code: DiRL/TraceRL run one forward per round; here all
 rounds share one (tests/test_dipo.py checks the logprobs and gradient are the same). DiRL's
 public code makes one on-policy update per rollout batch, so its ratio is always 1 and the
-clip never acts (--minibatches 1 here); our default splits the batch into 4 minibatches, one
-optimizer step each, where the ratio and the clip act from the second on: on the built-in task
-that learned faster per minute than one step (README, "Does it learn?"). The learning rate is
+clip never acts (--minibatches 1 here); our default splits the batch into 8 minibatches, one
+optimizer step each, where the ratio and the clip act from the second on, and drops the groups
+without a learning signal before the forward (--dapo-filter; with beta 0 they add no gradient,
+only compute and, under token normalisation, a larger denominator): on the built-in task that
+learned faster per minute than one step (README, "Does it learn?"). The learning rate is
 constant (no scheduler), as in DiRL's RL recipe; the default 1e-4 suits the tiny model, the
 paper's 1e-6 is in configs/dipo_sdar8b.json.
 """
@@ -88,9 +90,10 @@ class Config:
     beta: float = flag(0.0, "weight of the k3 KL penalty to the reference policy")
     ref: str = flag("", "reference policy dir for --beta > 0 (default: runs/<run>/policy/step_000000)")
     loss_norm: str = flag("token", "'token': sum / tokens in the minibatch; 'sequence': mean over responses of their token mean")
-    dapo_filter: bool = flag(False, "drop groups whose rewards are all equal (they have zero advantage anyway)")
+    dapo_filter: bool = flag(True, "drop groups whose rewards are all equal: zero advantage, so no gradient with --beta 0, "
+                                   "only compute (--no-dapo-filter keeps them in the token count)")
     ppo_epochs: int = flag(1, "passes over the rollouts")
-    minibatches: int = flag(4, "optimizer steps per pass (1 = DiRL's single on-policy step)")
+    minibatches: int = flag(8, "optimizer steps per pass (1 = DiRL's single on-policy step)")
     micro_batch_size: int = flag(16, "responses per forward")
     row_len: int = flag(256, "tokens per packed row (a response with all its rounds larger than this gets a row of its own)")
     dtype: str = flag("float32", "compute dtype: float32, or bfloat16 (autocast)")

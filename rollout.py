@@ -7,7 +7,7 @@ Writes runs/<run>/rollouts/step_<k>.jsonl, or --out FILE; one line per sampled r
        policy_step, prompt_id, question, ground_truth_answer, prompt_ids, response_ids,
        step_map, logprobs, text, reward, finish, sampler (DESIGN.md, "Rollout record")
 
-Usage: python rollout.py --run runs/arith [--num-prompts 64 --group-size 8]
+Usage: python rollout.py --run runs/arith [--num-prompts 128 --group-size 8]
        torchrun --nproc-per-node N -- rollout.py --run runs/arith   (each process samples every N-th
                                                     sequence; process 0 writes the one file)
        python rollout.py --policy DIR --data data/arith_test.jsonl --group-size 1 --out FILE
@@ -74,7 +74,7 @@ class Config:
     policy: str = flag("", "sample this checkpoint dir instead of the run's latest (needs --out)")
     out: str = flag("", "write here instead of runs/<run>/rollouts/step_<k>.jsonl")
     data: str = flag("data/arith_rl.jsonl", "prompt file (JSON list or JSONL)")
-    num_prompts: int = flag(64, "prompts per call, taken in a seeded order that moves on with the policy step; 0 = all")
+    num_prompts: int = flag(128, "prompts per call, taken in a seeded order that moves on with the policy step; 0 = all")
     group_size: int = flag(8, "responses sampled per prompt (G)")
     batch_size: int = flag(64, "sequences sampled together")
     strategy: str = flag("low_confidence_dynamic", f"commit rule: {', '.join(STRATEGIES)}")

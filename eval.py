@@ -604,9 +604,34 @@ def log_to_run(run, result, records_file):
                                 "file": str(records_file), "data_source": source, **numbers}) + "\n")
 
 
+def loop_minutes(lines):
+    """{policy step: loop minutes to produce it} from a run's metrics.jsonl lines: the wall
+    time of rollout.py and dipo.py only. Step k runs from the last line written before its
+    rollout's start line (so Python's start-up counts) to dipo's line for k; held-out
+    evaluations write their lines before that point and are left out. A gap before a rollout
+    longer than twice the median one (a loop stopped and started again later) counts as
+    twice the median."""
+    steps, before, start = [], lines[0]["time"] if lines else 0.0, None
+    for r in lines:
+        if r.get("stage") == "rollout" and r.get("event") == "start":
+            start = (before, r["time"])
+        elif r.get("stage") == "dipo" and "step" in r and "event" not in r and start:
+            steps.append((r["step"], start[1] - start[0], r["time"] - start[1]))
+            start = None
+        before = r["time"]
+    if not steps:
+        return {0: 0.0}
+    cap = 2 * sorted(gap for _, gap, _ in steps)[len(steps) // 2]
+    minutes, total = {0: 0.0}, 0.0
+    for step, gap, work in steps:
+        total += min(gap, cap) + work
+        minutes[step] = total / 60
+    return minutes
+
+
 def plot_runs(runs, out, max_step=0):
-    """Training reward and held-out avg@k against DiPO step and against loop minutes (from the
-    first rollout of the run), one line per run, to a PNG. matplotlib is optional: imported here."""
+    """Training reward and held-out avg@k against DiPO step and against loop minutes
+    (loop_minutes), one line per run, to a PNG. matplotlib is optional: imported here."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -619,19 +644,18 @@ def plot_runs(runs, out, max_step=0):
         loop = [r for r in lines if r.get("stage") == "rollout" and "reward" in r]
         if not loop:
             raise ValueError(f"{run}: no rollout lines in metrics.jsonl")
-        t0 = next(r["time"] for r in lines if r.get("stage") == "rollout" and "time" in r)
-        written = {0: t0, **{r["step"]: r["time"] for r in lines if r.get("stage") == "dipo" and "event" not in r}}
-        held_out = sorted((r for r in lines if r.get("stage") == "eval" and r["step"] in written), key=lambda r: r["step"])
+        minutes = loop_minutes(lines)
+        held_out = sorted((r for r in lines if r.get("stage") == "eval" and r["step"] in minutes), key=lambda r: r["step"])
         k = next((key for key in held_out[0] if key.startswith("avg@")), None) if held_out else None
         for ax, x in zip(axes, ("step", "minutes")):  # a policy's minute is when dipo wrote it, however late it was evaluated
-            at = (lambda step: step) if x == "step" else (lambda step: (written.get(step, t0) - t0) / 60)
+            at = (lambda step: step) if x == "step" else (lambda step: minutes.get(step, 0.0))
             smooth = [sum(r["reward"] for r in loop[max(0, i - 4):i + 1]) / len(loop[max(0, i - 4):i + 1]) for i in range(len(loop))]
             trained = ax.plot([at(r["step"]) for r in loop], smooth, alpha=0.5,
                               label=f"{Path(run).name}: training reward (mean of 5 steps)")
             if k:
                 ax.plot([at(r["step"]) for r in held_out], [r[k] for r in held_out], "o-", color=trained[0].get_color(),
                         label=f"{Path(run).name}: held-out {k}")
-            ax.set_xlabel("DiPO step" if x == "step" else "minutes since the first rollout")
+            ax.set_xlabel("DiPO step" if x == "step" else "loop minutes (rollout.py + dipo.py; evaluations left out)")
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=7)
     fig.tight_layout()

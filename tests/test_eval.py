@@ -266,3 +266,16 @@ def test_run_log_and_plot(tmp_path):
     else:
         assert plot.returncode == 0, plot.stderr
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loop_minutes_count_rollout_and_update_only():
+    def line(t, stage, **kw):
+        return {"time": t, "stage": stage, **kw}
+    lines = [line(0, "eval", step=0),
+             line(4, "rollout", event="start"), line(10, "rollout", step=0), line(12, "dipo", event="start"), line(20, "dipo", step=1),
+             line(24, "rollout", event="start"), line(36, "dipo", step=2),
+             line(96, "eval", step=2),  # a held-out evaluation of 60 s: left out
+             line(100, "rollout", event="start"), line(112, "dipo", step=3),
+             line(1000, "rollout", event="start"), line(1012, "dipo", step=4)]  # stopped and restarted: gap capped at 2 x 4 s
+    minutes = ev.loop_minutes(lines)
+    assert minutes == pytest.approx({0: 0.0, 1: 20 / 60, 2: 36 / 60, 3: 52 / 60, 4: 72 / 60})

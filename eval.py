@@ -406,14 +406,21 @@ def with_time_limit(a, b, timeout):
     import sympy  # noqa: F401  imported once in the parent, so children fork with it loaded
 
     ctx = multiprocessing.get_context("fork")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(send, a, b), daemon=True)
-    child.start()
-    send.close()
-    verdict = receive.recv() if receive.poll(timeout) else False
-    child.kill()
-    child.join()
-    return bool(verdict)
+    for _ in range(2):  # a child that dies without a verdict (a fork of a busy process can crash) gets one retry
+        receive, send = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=_child, args=(send, a, b), daemon=True)
+        child.start()
+        send.close()
+        try:
+            verdict = receive.recv() if receive.poll(timeout) else False
+        except EOFError:  # the child ended without sending anything
+            verdict = None
+        child.kill()
+        child.join()
+        receive.close()
+        if verdict is not None:
+            return bool(verdict)
+    return False
 
 
 def answers_equal(pred, truth, timeout=5.0):

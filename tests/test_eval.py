@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -156,6 +158,27 @@ def test_time_limit_works_from_a_thread_and_stops_a_slow_simplify():
     thread.start()
     thread.join()
     assert verdicts == [0.0] and time.perf_counter() - start < 0.3 + 1.0
+
+
+def test_a_crashed_check_is_retried_then_counts_as_not_equal(monkeypatch, tmp_path):
+    """Seen once under heavy load: the forked child segfaulted and the grader raised EOFError."""
+    crashed = tmp_path / "crashed"
+
+    def crash_once(conn, a, b):  # runs in the forked child
+        if not crashed.exists():
+            crashed.touch()
+            os.kill(os.getpid(), signal.SIGSEGV)
+        conn.send(True)
+
+    def crash_always(conn, a, b):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    monkeypatch.setattr(ev, "_child", crash_once)
+    assert ev.with_time_limit("x+1", "1+x", timeout=2.0) is True and crashed.exists()
+    monkeypatch.setattr(ev, "_child", crash_always)
+    start = time.perf_counter()
+    assert ev.with_time_limit("x+1", "1+x", timeout=2.0) is False
+    assert time.perf_counter() - start < 2.0  # a crash is seen at once, not after the time limit
 
 
 def test_no_eval_on_model_text():

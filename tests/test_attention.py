@@ -2,6 +2,8 @@
 
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from transformers import AutoModelForCausalLM
 
 import attention
+from conftest import ROOT
 
 
 def brute_force_mask(rows, block_size):
@@ -152,17 +155,23 @@ def test_flex_and_dense_give_the_same_loss_and_gradients_on_cuda(dtype, tol):
 
 def test_fsdp_gathers_weights_in_the_compute_dtype(tmp_path):
     """shard_model with bfloat16: forward in bf16 without autocast (FSDP2 casts the gathered
-    weights) while the sharded parameters, which AdamW updates, stay float32."""
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        for dtype in (torch.float32, torch.bfloat16):
-            model, _ = attention.load_model("tiny", seed=1)
-            attention.shard_model(model, dtype)
-            assert all(p.dtype == torch.float32 for p in model.parameters())
-            logits = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
-            assert logits.dtype == dtype
-    finally:
-        torch.distributed.destroy_process_group()
+    weights) while the sharded parameters, which AdamW updates, stay float32. In a process of
+    its own: a gloo group left behind in the test process made later forks crash."""
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+import attention
+torch.distributed.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+for dtype in (torch.float32, torch.bfloat16):
+    model, _ = attention.load_model("tiny", seed=1)
+    attention.shard_model(model, dtype)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.dtype == dtype, dtype
+torch.distributed.destroy_process_group()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def block_causal_logits(model, ids, block_size):

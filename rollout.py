@@ -295,7 +295,8 @@ def record_from_engine(prompt_len, token_ids, step_map, logprobs, finish_reason,
     for block, members in counters.items():
         if sorted(set(members)) != list(range(min(members), max(members) + 1)):
             raise ValueError(f"--engine lmdeploy: block {block}'s step counters {members} are not consecutive")
-    local = [s - min(counters[(prompt_len + i) // block_size]) for i, s in enumerate(step_map)]
+    first = {block: min(members) for block, members in counters.items()}
+    local = [s - first[(prompt_len + i) // block_size] for i, s in enumerate(step_map)]
     lps = None
     if logprobs is not None:
         lps = []

@@ -310,6 +310,9 @@ def read_rollouts(path, step, block_size, mask_id):
         if r["sampler"].get("block_size") != block_size or r["sampler"].get("mask_token_id", mask_id) != mask_id:
             raise ValueError(f"{where}: sampled with block size {r['sampler'].get('block_size')} and mask token "
                              f"{r['sampler'].get('mask_token_id')}, the policy has {block_size} and {mask_id}")
+        if r["sampler"].get("ban_eos") or r["sampler"].get("min_new_tokens", 0) > 0:
+            raise ValueError(f"{where}: sampled with the evaluation-only switches --ban-eos / --min-new-tokens, which "
+                             "draw from another distribution than the policy's; sample training rollouts without them")
         n_resp = len(r["response_ids"])
         if len(r["step_map"]) != n_resp or len(r["logprobs"]) != n_resp or not n_resp \
                 or (len(r["prompt_ids"]) + n_resp) % block_size or not all(0 <= s < block_size for s in r["step_map"]):

@@ -1,71 +1,110 @@
 """eval.py - grade math answers, and summarise rollout files (avg@k, pass@k, maj@k).
 
-The grader is what rollout.py calls for rewards: `grade(response, ground_truth)`
-returns 1.0 or 0.0. It extracts the LAST \\boxed{...} (or \\fbox{...}, or
-`\\boxed 5`; `#### 42` with --answer-format gsm8k), normalises both sides the way
-MATH / GSM8K / AIME / OlympiadBench answers are written, and decides equivalence
-in three steps: equal strings, equal numbers (fractions, decimals within 1e-6,
-percentages), then sympy (numbers, expressions, equations, tuples and intervals
-in order, sets and plain lists in any order, matrices).
+The grader is what rollout.py calls for rewards: `grade(response, ground_truth)` returns
+1.0 or 0.0. It finds the response's final answer (the last \\boxed{...} or \\fbox{...};
+`#### 42` with --answer-format gsm8k; no answer, no credit) and hands it to Math-Verify, the
+checker DiRL, TRL, open-r1 and lighteval use: `parse` extracts and turns LaTeX into sympy,
+`verify(gold, prediction)` decides equivalence (numbers, expressions, equations, sets,
+intervals, tuples, matrices). The gold is wrapped in $...$, as Math-Verify's README does.
 
-Model text never reaches sympy's parser (which runs Python `eval`): a small LaTeX
-parser of our own turns a whitelisted token stream into sympy objects, refusing
-huge powers and factorials. Every symbolic step runs in a forked child process
-with a deadline (--timeout, default 5 s) and a memory cap, so it works from any
-thread and from pool workers, and a hang or a blow-up costs at most the deadline
-and scores 0.
+What we add around Math-Verify:
+  * A deadline and a memory cap. Every check runs in a forked child (one kept alive and
+    reused; a new one after a kill) with --timeout seconds (default 3: the slowest real
+    answer in tests/test_eval.py's tables takes well under 1 s) and CHILD_MEMORY bytes.
+    Math-Verify's own timeouts use signal.alarm, which works only in a main thread, so they
+    are off; ours work from any thread and from pool workers. A check that misses the
+    deadline, dies or runs out of memory counts as not equal.
+  * Cheap refusals before parsing (`too_costly`): an answer over MAX_ANSWER_CHARS, nested
+    deeper than MAX_NESTING brackets, a power whose exponent holds another power of a
+    number (10^{10^{10}}, 9^9^9), an integer exponent over MAX_EXPONENT, or a factorial of a
+    factorial. Such an answer is only compared as a string, so an exponent tower or a
+    brace flood costs microseconds, not the deadline.
+  * Only the text around the last box is parsed (from the line of the box, at most
+    MAX_TAIL_CHARS either side), so a 50 MB response costs one reverse search.
+  * A thin layer where Math-Verify is wrong on answers people write (`normalise`), each
+    rule a text substitution before parse, each with a test that fails without it:
+      \\varnothing      -> \\emptyset   (the lexer knows only \\emptyset as the empty set)
+      30°              -> 30^\\circ    (the unicode degree sign is not in the grammar)
+      1\\,000 / 1 000  -> 1000         (space thousands separators parse as a product)
+      \\text{12 cm}     -> 12 \\text{cm} (a number inside \\text is read as one symbol)
+      \\boxed{5.}       -> \\boxed{5}   (sentence punctuation inside the box)
+    and one setting: allow_set_relation_comp, so that `x < 3` equals the gold (-\\infty, 3).
+  * maj@k votes on the string form of the parsed prediction, so 1/2 and \\frac{1}{2} agree.
+  * Plain integers on both sides (the built-in arithmetic task) are compared in the parent
+    without a child: the same verdict, no fork.
 
-Reads  rollout JSONL files (DESIGN.md's record: prompt_id, question,
+Model text never reaches Python `eval`. Math-Verify reaches sympy's parse_expr (which
+calls eval) on two paths, and neither admits a name, a quote or an attribute:
+  * ExprExtractionConfig (plain-text expressions): its regex `expr` admits only digits,
+    '.', whitespace and the characters + - * × / ^ ( ) ÷; numbers go to sympy.Number as
+    digit strings. We do not use this path: every text we parse is $...$-wrapped LaTeX.
+  * LatexExtractionConfig: latex2sympy builds sympy objects from an ANTLR parse tree; the
+    only strings it converts with sympify are the NUMBER, E_NOTATION and PERCENT_NUMBER
+    tokens, whose lexer rules admit only digits, '.', 'e'/'E', a sign, a space and '%'.
+tests/test_eval.py sends __import__ payloads through every extraction route and checks
+that no file appears.
+
+Reads  rollout JSONL files (the records rollout.py writes: prompt_id, question,
        ground_truth_answer, response_ids, step_map, text, reward, finish, sampler;
        `data_source` if present) and re-grades every `text`.
-Writes a table per file and per data source on stdout (several files side by
-       side) and, with --json OUT, the same numbers as JSON.
+Writes a table per file and per data source on stdout (several files side by side) and,
+       with --json OUT, the same numbers as JSON.
 
-Usage:  python eval.py runs/demo/eval/sft.jsonl runs/demo/eval/final.jsonl [--json OUT] [--workers 2] [--run RUN]
+Usage:  python eval.py runs/demo/eval/sft.jsonl runs/demo/eval/final.jsonl [--json OUT] [--workers 2]
+                [--run RUN]
         python eval.py --plot curve.png runs/seed0 runs/seed1     (the learning curves; needs matplotlib)
 
-How this differs from the paper: DiRL checks answers with math-verify (30 s
-timeout) or a sympy LaTeX comparison; we use one grader of our own with no extra
-dependency, safe on untrusted text, and we re-score old rollouts when it changes.
+How this differs from the paper: DiRL checks the last \\boxed{} with math-verify (30 s
+timeout, signal-based) or a sympy LaTeX comparison; we use Math-Verify behind our own
+deadline (3 s), memory cap and refusals, with the thin layer above, and re-score old
+rollouts when the grader changes.
 """
 
 import argparse
 import json
+import logging
 import math
 import multiprocessing
 import os
 import re
 import resource
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from fractions import Fraction
 from pathlib import Path
 
-MAX_ANSWER_CHARS = 1000  # longer extracted answers are compared as strings only
-MAX_DEPTH = 100  # parser nesting limit
-MAX_EXPONENT, MAX_FACTORIAL = 1000, 200
-CHILD_MEMORY = 2 << 30  # bytes a symbolic check may add to the address space
+DEFAULT_TIMEOUT = 3.0  # seconds per check; real answers need well under 1 s
+MAX_ANSWER_CHARS = 1000  # longer answers are compared as strings only
+MAX_TAIL_CHARS = (
+    500  # text around the last box that parse sees (the line of the box, at most this either side)
+)
+MAX_NESTING = 8  # bracket depth (ANTLR slows down about 1.6x per level of bare braces)
+MAX_EXPONENT, MAX_FACTORIAL = 3000, 1000  # largest integer exponent and factorial argument parsed
+CHILD_MEMORY = 2 << 30  # bytes a check may add to the address space
 
 # ----------------------------------------------------------------------------- extraction
 
+_BRACE = re.compile(r"[{}]")
 
-def extract_boxed(text):
-    """Content of the last \\boxed{...} / \\fbox{...} (nested braces handled), or of `\\boxed 5`."""
+
+def last_box(text):
+    """(start, end, content) of the last \\boxed{...} / \\fbox{...} (nested braces handled, a
+    space before the brace allowed), or of `\\boxed 5`; None without a complete box."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
     i = start + (6 if text.startswith("\\boxed", start) else 5)
-    if text[i : i + 1] == " ":  # \boxed 5
-        return re.split(r"[\s$]", text[i + 1 :].lstrip(), maxsplit=1)[0] or None
-    if text[i : i + 1] != "{":
-        return None
+    brace = i + len(text[i : i + 8]) - len(text[i : i + 8].lstrip())
+    if text[brace : brace + 1] != "{":
+        word = re.match(r" ([^\s$]+)", text[i : i + MAX_ANSWER_CHARS + 1])  # \boxed 5
+        return (start, i + word.end(), word.group(1)) if word else None
     depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
+    for match in _BRACE.finditer(text, brace):  # the regex skips everything but braces, in C
+        depth += 1 if match.group() == "{" else -1
         if depth == 0:
-            return text[i + 1 : j]
+            return start, match.end(), text[brace + 1 : match.start()]
     return None  # unbalanced: no answer
 
 
@@ -75,371 +114,185 @@ def extract_gsm8k(text):
 
 
 def extract_answer(text, answer_format="boxed"):
-    return extract_gsm8k(text) if answer_format == "gsm8k" else extract_boxed(text)
+    """The final answer string, or None."""
+    if answer_format == "gsm8k":
+        return extract_gsm8k(text)
+    box = last_box(text)
+    return box[2] if box else None
 
 
-# ----------------------------------------------------------------------------- normalisation
+def as_latex(answer):
+    """An answer as Math-Verify's README passes a gold: on one line, in $...$."""
+    return "$" + re.sub(r"(?<!\\)\$", "", answer).replace("\n", " ") + "$"
 
 
-def _unwrap(s, command):
-    """\\command{X} -> X for every occurrence (no nesting inside X)."""
-    return re.sub(r"\\" + command + r"\s*\{([^{}]*)\}", r"\1", s)
-
-
-def normalize(answer):
-    s = answer.strip()
-    s = s.replace("\n", " ").replace("\\$", "").replace("$", "")
-    for cmd in ["\\left", "\\right", "\\displaystyle", "\\!"]:
-        s = s.replace(cmd, "")
-    for space in ["\\,", "\\;", "\\:", "\\qquad", "\\quad", "~"]:
-        s = s.replace(space, " ")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("{,}", ",")
-    s = re.sub(r"\^\s*\{?\\circ\}?|°", "", s)
-    s = s.replace("\\%", "%")
-    s = re.sub(r"\\text\{\s*\(([A-Ea-e])\)\s*\}", r"(\1)", s)  # \text{(C)}
-    s = re.sub(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z .]*\}(\^\{?\d\}?)?", "", s)  # 5\text{ cm}^2
-    for cmd in ["text", "textbf", "mathrm", "mbox", "mathbf", "boxed"]:
-        s = _unwrap(s, cmd)
-    s = re.sub(r"\\(frac|sqrt)\s*(\w)\s*(\w)?", lambda m: f"\\{m[1]}{{{m[2]}}}" + (f"{{{m[3]}}}" if m[3] and m[1] == "frac" else (m[3] or "")), s)
-    s = re.sub(r"^\s*\(?([A-E])\)?\s*$", r"\1", s)  # multiple choice (C) -> C
-    s = re.sub(r"^[a-zA-Z]\w*\s*=\s*(?=[^=]+$)", "", s) if not re.search(r"[<>]|\\le|\\ge", s) else s  # x = 3 -> 3
-    s = re.sub(r"^(-?\d[\d.,]*)\s+[a-zA-Z][a-zA-Z ]*$", r"\1", s)  # 5 inches -> 5
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s.strip()):
-        s = s.replace(",", "")  # thousands separators; "1, 2" and "1,2" stay lists
-    s = s.strip().rstrip(".").strip()
-    return re.sub(r"(?<![a-zA-Z])\s+|\s+(?![a-zA-Z])", "", s)  # "\sin x" keeps its space, "2 x" does not
-
-
-# ----------------------------------------------------------------------------- numbers (no sympy)
-
-_NUMBER = re.compile(r"(-?)(?:(\d+)/(\d+)|\\frac\{(\d+)\}\{(\d+)\}|(\d*\.?\d+))(%?)")
-
-
-def parse_number(s):
-    """Fraction for a plain number, fraction, decimal or percentage; None otherwise.
-    Returns (value, inexact, percent)."""
-    m = _NUMBER.fullmatch(s)
-    if not m or int(m[3] or m[5] or 1) == 0:  # "1/00" is no number, and must not divide by zero
+def parse_input(text, answer_format="boxed"):
+    """(what Math-Verify's parse sees, the final answer) for a response, or None. For boxed
+    answers: the tail from the line of the last box (so that `\\boxed{-2} and \\boxed{1}`
+    stays a list), at most MAX_TAIL_CHARS before and after it; for GSM8K: the answer in $...$."""
+    if answer_format == "gsm8k":
+        answer = extract_gsm8k(text)
+        return None if answer is None else (as_latex(answer), answer)
+    box = last_box(text)
+    if box is None:
         return None
-    sign = -1 if m[1] else 1
-    if m[6] is not None:
-        value, inexact = Fraction(m[6]), "." in m[6]
-    else:
-        value, inexact = Fraction(int(m[2] or m[4]), int(m[3] or m[5])), False
-    return sign * value, inexact, bool(m[7])
+    start = max(text.rfind("\n", 0, box[0]) + 1, box[0] - MAX_TAIL_CHARS)
+    return text[start : box[1] + MAX_TAIL_CHARS], box[2]
 
 
-def numbers_equal(x, y):
-    (a, a_inexact, a_pct), (b, b_inexact, b_pct) = x, y
-    candidates = [(a, b)] + ([(a / 100, b)] if a_pct and not b_pct else []) + ([(a, b / 100)] if b_pct and not a_pct else [])
-    for p, q in candidates:
-        if p == q or ((a_inexact or b_inexact) and abs(p - q) <= Fraction(1, 10**6) * max(1, abs(q))):
-            return True
-    return False
+# ----------------------------------------------------------------------------- thin layer, refusals
+
+NORMALISE = [
+    (re.compile(r"\\varnothing"), r"\\emptyset"),
+    (re.compile(r"°"), r"^\\circ"),
+    (re.compile(r"(?<=\d)(?:\\[,;: ]|~| )(?=\d{3}(?!\d))"), ""),
+    (
+        re.compile(r"\\(?:text|textnormal|mbox|mathrm)\{\s*(-?\d+(?:\.\d+)?)\s+([a-zA-Z][a-zA-Z ]*)\}"),
+        r"\1 \\text{\2}",
+    ),
+    (re.compile(r"(\\boxed\s*\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*?)(?<!\.)[.,;]\s*\}"), r"\1}"),
+]
 
 
-# ----------------------------------------------------------------------------- structure
+def normalise(text):
+    for pattern, replacement in NORMALISE:
+        text = pattern.sub(replacement, text)
+    return text
 
 
-def split_top(s, sep=","):
-    """Split at separators outside any bracket."""
-    parts, depth, start = [], 0, 0
-    i = 0
-    while i < len(s):
-        if s[i] in "([{":
-            depth += 1
-        elif s[i] in ")]}":
-            depth -= 1
-        elif depth == 0 and s.startswith(sep, i):
-            parts.append(s[start:i])
-            start = i + len(sep)
-            i = start
-            continue
-        i += 1
-    return parts + [s[start:]]
+_TOWER = re.compile(r"(?:\d|\})\s*(?:\^|\*\*)\s*(?:\{[^{}]*(?:\^|\*\*)|\(?[\d.]+\)?\s*(?:\^|\*\*))")
+_FACTORIAL_OF_FACTORIAL = re.compile(r"!\s*[)}\]]*\s*!")
 
 
-def structure(s):
-    """('matrix', rows) | ('set', items) | ('union', parts) | ('seq', open, close, items) | ('list', items) | ('scalar', s)"""
-    m = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", s)
-    if m:
-        return "matrix", [row.split("&") for row in m[1].split("\\\\") if row]
-    if s.startswith("\\{") and s.endswith("\\}"):
-        return "set", split_top(s[2:-2])
-    union = split_top(s, "\\cup")
-    if len(union) > 1:
-        return "union", union
-    items = split_top(s)
-    if len(items) > 1:
-        return "list", items
-    inner = split_top(s[1:-1])
-    if len(s) > 2 and s[0] in "([" and s[-1] in ")]" and len(inner) > 1:
-        return "seq", s[0], s[-1], inner
-    return "scalar", s
+def too_costly(answer):
+    """Why an answer is not worth parsing (compared as a string only), or None."""
+    if len(answer) > MAX_ANSWER_CHARS:
+        return "long"
+    depth = deepest = 0
+    for ch in answer:
+        depth += (ch in "{([") - (ch in "})]")
+        deepest = max(deepest, depth)
+    if deepest > MAX_NESTING:
+        return "nested"
+    if _TOWER.search(answer):
+        return "power tower"
+    if _FACTORIAL_OF_FACTORIAL.search(answer):
+        return "factorial of a factorial"
+    if any(len(n) > 6 or int(n) > MAX_EXPONENT for n in re.findall(r"(?:\^|\*\*)\s*\{?\s*(\d+)", answer)):
+        return "huge exponent"
+    if any(len(n) > 6 or int(n) > MAX_FACTORIAL for n in re.findall(r"(\d+)\s*!", answer)):
+        return "huge factorial"
+    return None
 
 
-class NeedsSymbolic(Exception):
-    pass
+# ----------------------------------------------------------------------------- the check, in a child
 
 
-def equal(a, b, symbolic):
-    """Equivalence of two normalised answers; raises NeedsSymbolic when symbolic=False and
-    only sympy can tell."""
-    if a == b:
-        return True
-    sa, sb = structure(a), structure(b)
-    if sa[0] != sb[0]:
-        return False
-    kind = sa[0]
-    if kind == "scalar":
-        return _scalar_equal(a, b, symbolic)
-    if kind == "seq":
-        return sa[1:3] == sb[1:3] and _all_equal(sa[3], sb[3], symbolic)
-    if kind == "matrix":
-        return len(sa[1]) == len(sb[1]) and all(_all_equal(r, q, symbolic) for r, q in zip(sa[1], sb[1]))
-    if kind == "union":
-        return _all_equal(sa[1], sb[1], symbolic)
-    return _unordered_equal(sa[1], sb[1], symbolic)  # set, list
+def verify_in_child(gold_text, pred_text):
+    """(equal, key): Math-Verify's parse and verify with its own timeouts off (the child's
+    deadline applies); key is the string form of the parsed prediction, for maj@k."""
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    config = [LatexExtractionConfig(boxed_match_priority=0)]
+    gold = parse(gold_text, extraction_config=config, parsing_timeout=None)
+    pred = parse(pred_text, extraction_config=config, parsing_timeout=None)
+    if not gold or not pred:
+        return False, None
+    equal = verify(gold, pred, allow_set_relation_comp=True, timeout_seconds=None)
+    return bool(equal), str(pred[0])[:MAX_ANSWER_CHARS]
 
 
-def _all_equal(xs, ys, symbolic):
-    return len(xs) == len(ys) and all(equal(x, y, symbolic) for x, y in zip(xs, ys))
-
-
-def _unordered_equal(xs, ys, symbolic):
-    if len(xs) != len(ys):
-        return False
-    left = list(ys)
-    for x in xs:
-        match = next((i for i, y in enumerate(left) if equal(x, y, symbolic)), None)
-        if match is None:
-            return False
-        left.pop(match)
-    return True
-
-
-def _scalar_equal(a, b, symbolic):
-    x, y = parse_number(a), parse_number(b)
-    if x is not None and y is not None:
-        return numbers_equal(x, y)
-    if not symbolic:
-        raise NeedsSymbolic
-    if a.count("=") == 1 and b.count("=") == 1:  # equations: same difference of sides, up to sign
-        (l1, r1), (l2, r2) = a.split("="), b.split("=")
-        d1, d2 = latex_to_sympy(l1) - latex_to_sympy(r1), latex_to_sympy(l2) - latex_to_sympy(r2)
-        return _is_zero(d1 - d2) or _is_zero(d1 + d2)
-    if "=" in a or "=" in b:
-        return False
-    return _is_zero(latex_to_sympy(a) - latex_to_sympy(b))
-
-
-def _is_zero(expr):
-    import sympy
-
-    if not expr.free_symbols:
-        value = complex(sympy.N(expr, 30))
-        if abs(value) < 1e-9:
-            return True
-    return sympy.simplify(expr) == 0
-
-
-# ----------------------------------------------------------------------------- LaTeX -> sympy, by hand
-
-_TOKEN = re.compile(r"\s+|\d+\.\d+|\d+|\.\d+|\\[a-zA-Z]+|[a-zA-Z]|[-+*/^(){}\[\]!|]")
-_FUNCTIONS = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "log", "ln", "exp", "sinh", "cosh", "tanh"}
-_GREEK = {"alpha", "beta", "gamma", "delta", "theta", "phi", "lambda", "mu", "sigma", "omega", "tau", "rho", "epsilon"}
-_TIMES = {"*", "\\cdot", "\\times"}
-
-
-class ParseError(ValueError):
-    pass
-
-
-def tokenize(s):
-    tokens, pos = [], 0
-    for m in _TOKEN.finditer(s):
-        if m.start() != pos:
-            raise ParseError(f"unexpected {s[pos:m.start()]!r}")
-        if not m.group().isspace():
-            tokens.append(m.group())
-        pos = m.end()
-    if pos != len(s):
-        raise ParseError(f"unexpected {s[pos:]!r}")
-    return tokens
-
-
-def latex_to_sympy(s):
-    """Recursive descent over whitelisted tokens; builds sympy objects directly (no eval)."""
-    import sympy
-
-    tokens, i, depth = tokenize(s), 0, 0
-
-    def peek():
-        return tokens[i] if i < len(tokens) else None
-
-    def take(expected=None):
-        nonlocal i
-        tok = peek()
-        if tok is None or (expected and tok != expected):
-            raise ParseError(f"expected {expected or 'more'}, got {tok}")
-        i += 1
-        return tok
-
-    def nest():
-        nonlocal depth
-        depth += 1
-        if depth > MAX_DEPTH:
-            raise ParseError("too deeply nested")
-
-    def expr():
-        nest()
-        value = term()
-        while peek() in ("+", "-"):
-            value = value + term() if take() == "+" else value - term()
-        return value
-
-    def term():
-        value = unary()
-        while True:
-            tok = peek()
-            if tok in _TIMES:
-                take()
-                value = value * unary()
-            elif tok in ("/", "\\div"):
-                take()
-                value = value / unary()
-            elif tok is not None and (tok[0].isalnum() or tok in ("(", "{", "\\frac", "\\sqrt", "\\pi", "\\infty") or tok[1:] in _FUNCTIONS | _GREEK):
-                value = value * unary()  # implicit multiplication: 2x, 3\sqrt{2}, x(x+1)
-            else:
-                return value
-
-    def unary():
-        if peek() in ("-", "+"):
-            return -unary() if take() == "-" else unary()
-        return power()
-
-    def power():
-        base = postfix()
-        if peek() == "^":
-            take()
-            exponent = group() if peek() == "{" else unary()
-            if exponent.is_Integer and abs(int(exponent)) > MAX_EXPONENT and base.is_number and abs(base) > 1:
-                raise ParseError("power too large")
-            if exponent.is_number and not exponent.is_Integer and base.is_number and abs(exponent) > MAX_EXPONENT:
-                raise ParseError("power too large")
-            return sympy.Pow(base, exponent)
-        return base
-
-    def postfix():
-        value = atom()
-        while peek() == "!":
-            take()
-            if not value.is_Integer or not 0 <= int(value) <= MAX_FACTORIAL:
-                raise ParseError("factorial too large")
-            value = sympy.factorial(value)
-        return value
-
-    def group():
-        nest()
-        if peek() == "{":
-            take("{")
-            value = expr()
-            take("}")
-            return value
-        return atom()
-
-    def atom():
-        tok = take()
-        if tok[0].isdigit() or tok[0] == ".":
-            return sympy.Rational(tok)
-        if tok.isalpha() and len(tok) == 1:
-            return {"e": sympy.E, "i": sympy.I}.get(tok, sympy.Symbol(tok))
-        if tok in ("(", "[", "{"):
-            value = expr()
-            take({"(": ")", "[": "]", "{": "}"}[tok])
-            return value
-        if tok == "|":
-            value = expr()
-            take("|")
-            return sympy.Abs(value)
-        if tok == "\\frac":
-            return group() / group()
-        if tok == "\\sqrt":
-            if peek() == "[":
-                take("[")
-                n = expr()
-                take("]")
-                return sympy.root(group(), n)
-            return sympy.sqrt(group())
-        if tok == "\\pi":
-            return sympy.pi
-        if tok == "\\infty":
-            return sympy.oo
-        if tok[1:] in _GREEK:
-            return sympy.Symbol(tok[1:])
-        if tok[1:] in _FUNCTIONS:
-            fn = {"ln": sympy.log, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan}.get(tok[1:]) or getattr(sympy, tok[1:])
-            return fn(group() if peek() in ("{", "(") else power())
-        raise ParseError(f"unsupported token {tok}")
-
-    value = expr()
-    if i != len(tokens):
-        raise ParseError(f"trailing {tokens[i:]}")
-    return value
-
-
-# ----------------------------------------------------------------------------- the time limit
-
-
-def _child(conn, a, b):
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+def _serve(conn):
+    """The child's loop: one (gold, prediction) pair in, one (equal, key) out."""
     in_use = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
-    resource.setrlimit(resource.RLIMIT_AS, (in_use + CHILD_MEMORY, hard))
-    try:
-        conn.send(equal(a, b, symbolic=True))
-    except BaseException:  # a parse error, a sympy failure, MemoryError: not equivalent
-        conn.send(False)
-
-
-def with_time_limit(a, b, timeout):
-    """equal(a, b, symbolic=True) in a forked child; False if it fails or outlives `timeout`."""
-    import sympy  # noqa: F401  imported once in the parent, so children fork with it loaded
-
-    ctx = multiprocessing.get_context("fork")
-    for _ in range(2):  # a child that dies without a verdict (a fork of a busy process can crash) gets one retry
-        receive, send = ctx.Pipe(duplex=False)
-        child = ctx.Process(target=_child, args=(send, a, b), daemon=True)
-        child.start()
-        send.close()
+    resource.setrlimit(resource.RLIMIT_AS, (in_use + CHILD_MEMORY, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    while True:
         try:
-            verdict = receive.recv() if receive.poll(timeout) else False
-        except EOFError:  # the child ended without sending anything
-            verdict = None
-        child.kill()
-        child.join()
-        receive.close()
-        if verdict is not None:
-            return bool(verdict)
-    return False
+            gold_text, pred_text = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)
+        try:
+            result = verify_in_child(gold_text, pred_text)
+        except BaseException:  # a parse failure, RecursionError, MemoryError: not equal
+            result = (False, None)
+        conn.send(result)
 
 
-def answers_equal(pred, truth, timeout=5.0):
-    a, b = normalize(pred), normalize(truth)
-    if len(a) > MAX_ANSWER_CHARS or len(b) > MAX_ANSWER_CHARS:
-        return a == b
-    try:
-        return equal(a, b, symbolic=False)
-    except NeedsSymbolic:
-        return with_time_limit(a, b, timeout)
+class Checker:
+    """A forked child that serves checks, with a deadline per check. A child that misses the
+    deadline is killed, and one that dies without a verdict (a crash, the memory cap) is
+    replaced and the check tried once more; both count as not equal in the end. A process
+    forked from ours (a pool worker) starts a child of its own."""
+
+    def __init__(self):
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self):
+        self.lock, self.pid, self.conn = threading.Lock(), None, None
+
+    def _start(self):
+        import math_verify  # noqa: F401  loaded once in this process, so that every child forks with it
+
+        logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled": ours applies
+        parent_end, child_end = multiprocessing.Pipe()
+        pid = os.fork()
+        if pid == 0:
+            parent_end.close()
+            _serve(child_end)
+        child_end.close()
+        self.pid, self.conn = pid, parent_end
+
+    def _kill(self):
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, 9)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.conn.close()
+        self.pid, self.conn = None, None
+
+    def check(self, gold_text, pred_text, timeout):
+        with self.lock:
+            for _ in range(2):
+                if self.pid is None:
+                    self._start()
+                self.conn.send((gold_text, pred_text))
+                if not self.conn.poll(timeout):
+                    self._kill()
+                    return False, None
+                try:
+                    return self.conn.recv()
+                except EOFError:
+                    self._kill()
+            return False, None
 
 
-def grade(response, ground_truth, timeout=5.0, answer_format="boxed"):
+CHECKER = Checker()
+_INTEGER = re.compile(r"\s*-?\d{1,100}\s*")
+
+
+def check(gold, response, timeout=DEFAULT_TIMEOUT, answer_format="boxed"):
+    """(reward 1.0 or 0.0, key of the extracted answer or None)."""
+    found = parse_input(response, answer_format)
+    if answer_format == "gsm8k" and "####" in gold:
+        gold = extract_gsm8k(gold) or gold
+    if found is None or not gold.strip():
+        return 0.0, None
+    pred_text, answer = found
+    if too_costly(answer) or too_costly(gold):
+        return float(answer.strip() == gold.strip()), answer.strip()
+    single = pred_text.count("\\boxed") + pred_text.count("\\fbox") <= 1 or answer_format == "gsm8k"
+    if single and _INTEGER.fullmatch(answer) and _INTEGER.fullmatch(gold):
+        return float(int(answer) == int(gold)), str(int(answer))
+    equal, key = CHECKER.check(normalise(as_latex(gold)), normalise(pred_text), timeout)
+    return float(equal), key
+
+
+def grade(response, ground_truth, timeout=DEFAULT_TIMEOUT, answer_format="boxed"):
     """1.0 if the response's final answer is equivalent to the ground truth, else 0.0."""
-    pred = extract_answer(response, answer_format)
-    truth = extract_answer(ground_truth, answer_format) if answer_format == "gsm8k" and "####" in ground_truth else ground_truth
-    if pred is None or truth is None:
-        return 0.0
-    return 1.0 if answers_equal(pred, truth, timeout) else 0.0
+    return check(str(ground_truth), str(response), timeout, answer_format)[0]
 
 
 # ----------------------------------------------------------------------------- data adapters
@@ -454,7 +307,7 @@ def to_prompt_record(raw):
     question = raw.get("question", raw.get("problem", raw.get("Problem")))
     answer = raw.get("answer", raw.get("Answer"))
     if answer is None and "solution" in raw:
-        answer = extract_boxed(raw["solution"])
+        answer = extract_answer(raw["solution"])
     if isinstance(answer, str) and "####" in answer:
         answer = extract_gsm8k(answer)
     if question is None or answer is None:
@@ -522,8 +375,8 @@ def forwards_of(record):
 
 
 def summarize(records, answers):
-    """Metrics over records of one file (one data source). answers: normalised extracted answer
-    per record (for maj@k)."""
+    """Metrics over records of one file (one data source). answers: the parsed answer's string
+    form per record (for maj@k)."""
     groups = defaultdict(list)
     for record, answer in zip(records, answers):
         groups[record["prompt_id"]].append((record["reward"], answer))
@@ -538,7 +391,8 @@ def summarize(records, answers):
         "prompts": len(groups),
         "k": k,
         f"avg@{k}": sum(sum(r for r, _ in g) / len(g) for g in groups.values()) / len(groups),
-        f"pass@{k}": sum(pass_at_k(len(g), int(sum(r for r, _ in g)), k) for g in groups.values()) / len(groups),
+        f"pass@{k}": sum(pass_at_k(len(g), int(sum(r for r, _ in g)), k) for g in groups.values())
+        / len(groups),
         f"maj@{k}": sum(majority_right) / len(groups),
         "response_tokens": tokens / len(records),
         "truncated": sum(r["finish"] == "length" for r in records) / len(records),
@@ -549,13 +403,12 @@ def summarize(records, answers):
 def _grade_one(args):
     text, truth, timeout, answer_format = args
     start = time.perf_counter()
-    reward = grade(text, truth, timeout, answer_format)
-    answer = extract_answer(text, answer_format)
-    return reward, normalize(answer) if answer is not None else None, time.perf_counter() - start
+    reward, key = check(str(truth), str(text), timeout, answer_format)
+    return reward, key, time.perf_counter() - start
 
 
-def grade_all(records, workers=1, timeout=5.0, answer_format="boxed"):
-    """[(reward, normalised answer, seconds)] per record, in order."""
+def grade_all(records, workers=1, timeout=DEFAULT_TIMEOUT, answer_format="boxed"):
+    """[(reward, answer key for maj@k, seconds)] per record, in order."""
     jobs = [(r["text"], r["ground_truth_answer"], timeout, answer_format) for r in records]
     if workers <= 1:
         return [_grade_one(job) for job in jobs]
@@ -563,7 +416,7 @@ def grade_all(records, workers=1, timeout=5.0, answer_format="boxed"):
         return list(pool.map(_grade_one, jobs, chunksize=64))
 
 
-def evaluate_file(path, workers=1, timeout=5.0, answer_format="boxed", strict=False):
+def evaluate_file(path, workers=1, timeout=DEFAULT_TIMEOUT, answer_format="boxed", strict=False):
     records, problems = read_rollouts(path, strict)
     if not records:
         raise ValueError(f"{path}: no usable rollout records")
@@ -577,8 +430,15 @@ def evaluate_file(path, workers=1, timeout=5.0, answer_format="boxed", strict=Fa
     for i, record in enumerate(records):
         by_source[record.get("data_source", "all")].append(i)
     latencies = sorted(g[2] for g in graded)
-    result = {"file": str(path), "skipped_lines": problems, "rewards_changed": changed, "grader_seconds": seconds,
-              "grader_median_ms": 1000 * latencies[len(latencies) // 2], "grader_max_ms": 1000 * latencies[-1], "sources": {}}
+    result = {
+        "file": str(path),
+        "skipped_lines": problems,
+        "rewards_changed": changed,
+        "grader_seconds": seconds,
+        "grader_median_ms": 1000 * latencies[len(latencies) // 2],
+        "grader_max_ms": 1000 * latencies[-1],
+        "sources": {},
+    }
     for source, idx in sorted(by_source.items()):
         result["sources"][source] = summarize([records[i] for i in idx], [graded[i][1] for i in idx])
     return result
@@ -593,7 +453,12 @@ def format_table(results):
         rows.append((f"[{source}]", [""] * len(results)))
         for m in metrics:
             values = [r["sources"].get(source, {}).get(m) for r in results]
-            rows.append((f"  {m}", ["-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]))
+            rows.append(
+                (
+                    f"  {m}",
+                    ["-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in values],
+                )
+            )
     rows.append(("rewards changed", [str(r["rewards_changed"]) for r in results]))
     rows.append(("grader seconds", [f"{r['grader_seconds']:.2f}" for r in results]))
     width = max(len(name) for name, _ in rows)
@@ -607,8 +472,19 @@ def log_to_run(run, result, records_file):
     first = json.loads(next(line for line in Path(records_file).read_text().splitlines() if line.strip()))
     with open(Path(run) / "metrics.jsonl", "a") as f:
         for source, numbers in result["sources"].items():
-            f.write(json.dumps({"time": round(time.time(), 3), "stage": "eval", "step": first.get("policy_step"),
-                                "file": str(records_file), "data_source": source, **numbers}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "time": round(time.time(), 3),
+                        "stage": "eval",
+                        "step": first.get("policy_step"),
+                        "file": str(records_file),
+                        "data_source": source,
+                        **numbers,
+                    }
+                )
+                + "\n"
+            )
 
 
 def loop_minutes(lines):
@@ -646,23 +522,45 @@ def plot_runs(runs, out, max_step=0):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
-        lines = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        lines = [
+            json.loads(line)
+            for line in (Path(run) / "metrics.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
         lines = [r for r in lines if not max_step or r.get("step", 0) <= max_step]
         loop = [r for r in lines if r.get("stage") == "rollout" and "reward" in r]
         if not loop:
             raise ValueError(f"{run}: no rollout lines in metrics.jsonl")
         minutes = loop_minutes(lines)
-        held_out = sorted((r for r in lines if r.get("stage") == "eval" and r["step"] in minutes), key=lambda r: r["step"])
+        held_out = sorted(
+            (r for r in lines if r.get("stage") == "eval" and r["step"] in minutes), key=lambda r: r["step"]
+        )
         k = next((key for key in held_out[0] if key.startswith("avg@")), None) if held_out else None
-        for ax, x in zip(axes, ("step", "minutes")):  # a policy's minute is when dipo wrote it, however late it was evaluated
+        for ax, x in zip(
+            axes, ("step", "minutes")
+        ):  # a policy's minute is when dipo wrote it, however late it was evaluated
             at = (lambda step: step) if x == "step" else (lambda step: minutes.get(step, 0.0))
-            smooth = [sum(r["reward"] for r in loop[max(0, i - 4):i + 1]) / len(loop[max(0, i - 4):i + 1]) for i in range(len(loop))]
-            trained = ax.plot([at(r["step"]) for r in loop], smooth, alpha=0.5,
-                              label=f"{Path(run).name}: training reward (mean of 5 steps)")
+            smooth = [
+                sum(r["reward"] for r in loop[max(0, i - 4) : i + 1]) / len(loop[max(0, i - 4) : i + 1])
+                for i in range(len(loop))
+            ]
+            trained = ax.plot(
+                [at(r["step"]) for r in loop],
+                smooth,
+                alpha=0.5,
+                label=f"{Path(run).name}: training reward (mean of 5 steps)",
+            )
             if k:
-                ax.plot([at(r["step"]) for r in held_out], [r[k] for r in held_out], "o-", color=trained[0].get_color(),
-                        label=f"{Path(run).name}: held-out {k}")
-            ax.set_xlabel("DiPO step" if x == "step" else "loop minutes (rollout.py + dipo.py; evaluations left out)")
+                ax.plot(
+                    [at(r["step"]) for r in held_out],
+                    [r[k] for r in held_out],
+                    "o-",
+                    color=trained[0].get_color(),
+                    label=f"{Path(run).name}: held-out {k}",
+                )
+            ax.set_xlabel(
+                "DiPO step" if x == "step" else "loop minutes (rollout.py + dipo.py; evaluations left out)"
+            )
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -672,17 +570,53 @@ def plot_runs(runs, out, max_step=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", nargs="+", help="rollout JSONL files (written by rollout.py); with --plot, run directories")
-    parser.add_argument("--json", default="", metavar="OUT", help="also write the numbers as JSON to OUT (default: off)")
-    parser.add_argument("--run", default="", help="also append the numbers to RUN/metrics.jsonl as {\"stage\": \"eval\"} lines (default: off)")
-    parser.add_argument("--plot", default="", metavar="OUT.png", help="instead: draw training reward and held-out accuracy of the run "
-                        "directories given as files, from their metrics.jsonl (needs matplotlib; default: off)")
-    parser.add_argument("--plot-steps", type=int, default=0, metavar="N", help="with --plot: only DiPO steps up to N (default: 0 = all)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "files", nargs="+", help="rollout JSONL files (written by rollout.py); with --plot, run directories"
+    )
+    parser.add_argument(
+        "--json", default="", metavar="OUT", help="also write the numbers as JSON to OUT (default: off)"
+    )
+    parser.add_argument(
+        "--run",
+        default="",
+        help='also append the numbers to RUN/metrics.jsonl as {"stage": "eval"} lines (default: off)',
+    )
+    parser.add_argument(
+        "--plot",
+        default="",
+        metavar="OUT.png",
+        help="instead: draw training reward and held-out accuracy of the run "
+        "directories given as files, from their metrics.jsonl (needs matplotlib; default: off)",
+    )
+    parser.add_argument(
+        "--plot-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --plot: only DiPO steps up to N (default: 0 = all)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="grading processes (default: 1)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds allowed per symbolic check (default: 5.0)")
-    parser.add_argument("--answer-format", choices=["boxed", "gsm8k"], default="boxed", help="where the answer is: last \\boxed{} or '#### x' (default: boxed)")
-    parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False, help="stop at the first bad line instead of skipping it (default: off)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds allowed per check (default: {DEFAULT_TIMEOUT})",
+    )
+    parser.add_argument(
+        "--answer-format",
+        choices=["boxed", "gsm8k"],
+        default="boxed",
+        help="where the answer is: last \\boxed{} or '#### x' (default: boxed)",
+    )
+    parser.add_argument(
+        "--strict",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="stop at the first bad line instead of skipping it (default: off)",
+    )
     args = parser.parse_args(argv)
     if args.plot:
         try:

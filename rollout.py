@@ -27,7 +27,9 @@ runs only the current block against the cache, draws a token at every masked pos
   sequential              the leftmost masked token (one per step)
 The complete block is then written to the cache with one more forward. A sequence stops at
 the block holding eos or <|im_end|>, or at --max-new-tokens; finished sequences leave the
-batch. For every committed token the record keeps its step inside its block (step_map) and
+batch (for evaluation only, --ban-eos and --min-new-tokens follow DiRL's protocol: no
+<|endoftext|>, no stop token before N new tokens; dipo.py refuses such files). For every
+committed token the record keeps its step inside its block (step_map) and
 its log-probability at temperature 1 in the state it was committed in (logprobs): DiPO
 rebuilds exactly those states, which is what makes it unbiased.
 
@@ -87,6 +89,10 @@ class Config:
     block_size: int = flag(0, "must equal the checkpoint's block size if given (0 = the checkpoint's)")
     instruction: str = flag("auto", "sentence appended to questions; 'auto' = the checkpoint's")
     answer_format: str = flag("boxed", "how the grader reads answers: boxed or gsm8k")
+    ban_eos: bool = flag(False, "evaluation only (DiRL's protocol): never sample <|endoftext|>, so that a response "
+                                "stops only at <|im_end|>; dipo.py refuses such files")
+    min_new_tokens: int = flag(0, "evaluation only (DiRL's protocol: 128): no stop token at the first N response "
+                                  "positions; dipo.py refuses such files")
     engine: str = flag("torch", "torch (this sampler) or lmdeploy (CUDA, needs a build that returns step maps)")
     tp: int = flag(1, "--engine lmdeploy: tensor-parallel GPUs for the engine")
     rescore: int = flag(64, "--engine lmdeploy: records re-scored by our model to measure the engine-trainer logprob gap")
@@ -100,14 +106,16 @@ class Config:
 # ----------------------------------------------------------------------------- the math
 
 
-def sample_tokens(logits, temperature, top_k, top_p, uniforms):
-    """logits [B, b, V], uniforms [B, b] in [0, 1). Returns the drawn tokens [B, b], their
-    confidence (probability under the filtered, tempered distribution that
-    attention.sampling_logprobs defines) and their logprob under the model at temperature 1
-    before any filtering (the quantity DiPO replays)."""
+def sample_tokens(logits, temperature, top_k, top_p, uniforms, banned=None):
+    """logits [B, b, V], uniforms [B, b] in [0, 1), banned: None or bool broadcastable to
+    [B, b, V] (tokens never drawn there). Returns the drawn tokens [B, b], their confidence
+    (probability under the filtered, tempered distribution that attention.sampling_logprobs
+    defines, with the banned tokens removed) and their logprob under the model at
+    temperature 1 before any filtering (the quantity DiPO replays)."""
     logits = logits.float()
     logp = torch.log_softmax(logits, -1)
-    probs = attention.sampling_logprobs(logits, temperature, top_k, top_p).exp()
+    allowed = logits if banned is None else logits.masked_fill(banned, float("-inf"))
+    probs = attention.sampling_logprobs(allowed, temperature, top_k, top_p).exp()
     if temperature == 0:
         tokens = probs.argmax(-1)
     else:  # inverse CDF: the first token whose cumulative probability exceeds the uniform
@@ -139,6 +147,20 @@ def choose_commits(confidence, masked, strategy, threshold=0.9, quota=None):
     else:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     return commit & masked
+
+
+def banned_tokens(cfg, vocab_size, eos_id, stop_ids, response_index):
+    """bool [B, b, V] of tokens the evaluation switches forbid, or None without them.
+    response_index [B, b]: each column's position in its response (negative in the prompt)."""
+    if not cfg.ban_eos and cfg.min_new_tokens <= 0:
+        return None
+    banned = torch.zeros(*response_index.shape, vocab_size, dtype=torch.bool, device=response_index.device)
+    if cfg.ban_eos:
+        banned[..., eos_id] = True
+    early = response_index < cfg.min_new_tokens  # [B, b]
+    for t in stop_ids:
+        banned[..., t] |= early
+    return banned
 
 
 def block_attention_mask(pad, start, width, total):
@@ -176,6 +198,7 @@ def generate(model, prompts, generators, cfg, stop_ids):
     ids.masked_fill_(torch.arange(width, device=device)[None] < pad[:, None], model.config.eos_token_id)
     layer_types = set(model.config.layer_types)
     rows = torch.arange(len(prompts), device=device)  # the prompts still being sampled
+    response_start = torch.tensor([width - e + len(p) for e, p in zip(ends, prompts)], device=device)  # [B] columns
 
     def forward(tokens, start, mask, cache):
         positions = torch.arange(start, start + tokens.shape[1], device=device)[None] - pad[rows, None]
@@ -203,7 +226,9 @@ def generate(model, prompts, generators, cfg, stop_ids):
             for j in masked.any(-1).nonzero().flatten().tolist():
                 uniforms[j] = torch.rand(b, generator=generators[rows[j]])
             uniforms = uniforms.to(device)
-            tokens, confidence, logp = sample_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms)
+            columns = start + torch.arange(b, device=device)[None] - response_start[rows, None]  # [B', b]
+            banned = banned_tokens(cfg, logits.shape[-1], model.config.eos_token_id, stop_ids, columns)
+            tokens, confidence, logp = sample_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms, banned)
             quota = torch.tensor([static_quota(n, cfg.denoising_steps, step) for n in to_commit.tolist()], device=device)
             commit = choose_commits(confidence, masked, cfg.strategy, cfg.threshold, quota)
             block = torch.where(commit, tokens, block)
@@ -255,7 +280,7 @@ def sequence_seed(seed, step, prompt_id, sample):
 # ----------------------------------------------------------------------------- engines
 
 
-def lmdeploy_settings(cfg, block_size):
+def lmdeploy_settings(cfg, block_size, eos_id=None):
     """Our sampler flags as LMDeploy's: (PytorchEngineConfig kwargs, GenerationConfig kwargs).
     LMDeploy commits block_size // dllm_denoising_steps tokens per static or sequential step,
     so `sequential` (one per step) is its sequential rule with block_size steps, and a static
@@ -273,6 +298,10 @@ def lmdeploy_settings(cfg, block_size):
               "dllm_confidence_threshold": cfg.threshold, "dtype": "bfloat16", "tp": cfg.tp}
     generation = {"do_sample": cfg.temperature > 0, "temperature": cfg.temperature, "top_k": cfg.top_k,
                   "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "logprobs": 1}
+    if cfg.min_new_tokens > 0:
+        generation["min_new_tokens"] = cfg.min_new_tokens
+    if cfg.ban_eos:
+        generation["bad_token_ids"] = [eos_id]
     return engine, generation
 
 
@@ -324,11 +353,11 @@ def require_lmdeploy():
     return lmdeploy
 
 
-def lmdeploy_generate(policy, texts, seeds, cfg, block_size):
+def lmdeploy_generate(policy, texts, seeds, cfg, block_size, eos_id):
     """Sample with LMDeploy (CUDA): one response per rendered prompt text, the patched build's
     Response.step_map required. Returns the Response objects."""
     lmdeploy = require_lmdeploy()
-    engine, generation = lmdeploy_settings(cfg, block_size)
+    engine, generation = lmdeploy_settings(cfg, block_size, eos_id)
     GenerationConfig, PytorchEngineConfig, pipeline = lmdeploy.GenerationConfig, lmdeploy.PytorchEngineConfig, lmdeploy.pipeline
     with tempfile.TemporaryDirectory() as view:
         pipe = pipeline(str(engine_view(policy, Path(view))), backend_config=PytorchEngineConfig(**engine))
@@ -368,10 +397,10 @@ def rescore(model, records, micro_batch_size):
     return scores
 
 
-def lmdeploy_results(policy, texts, prompt_ids, seeds, cfg, block_size):
+def lmdeploy_results(policy, texts, prompt_ids, seeds, cfg, block_size, eos_id):
     """Sample every job with LMDeploy; the same dicts as generate() returns (logprobs None
     when the engine gave none)."""
-    responses = lmdeploy_generate(policy, texts, seeds, cfg, block_size)
+    responses = lmdeploy_generate(policy, texts, seeds, cfg, block_size, eos_id)
     results = []
     for ids, resp in zip(prompt_ids, responses):
         if resp.input_token_len != len(ids):
@@ -440,7 +469,7 @@ def main(cfg):
     if cfg.block_size and cfg.block_size != model.config.block_size:
         raise ValueError(f"--block-size {cfg.block_size} differs from the checkpoint's {model.config.block_size} ({policy})")
     instruction = model.config.instruction if cfg.instruction == "auto" else cfg.instruction
-    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)}
+    stop_ids = {tokenizer.convert_tokens_to_ids(attention.IM_END)} | (set() if cfg.ban_eos else {tokenizer.eos_token_id})
     try:
         prompts = grader.load_prompts(cfg.data)
     except (OSError, json.JSONDecodeError) as e:
@@ -448,7 +477,8 @@ def main(cfg):
     chosen = select_prompts(cfg.num_prompts, len(prompts), cfg.seed, step)
     sampler = {"block_size": model.config.block_size, "mask_token_id": model.config.mask_token_id, "strategy": cfg.strategy, "threshold": cfg.threshold,
                "denoising_steps": cfg.denoising_steps, "temperature": cfg.temperature, "top_k": cfg.top_k,
-               "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "engine": cfg.engine, "seed": cfg.seed}
+               "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "engine": cfg.engine, "seed": cfg.seed,
+               "ban_eos": cfg.ban_eos, "min_new_tokens": cfg.min_new_tokens}
 
     jobs = [(i, j) for i in chosen for j in range(cfg.group_size)]  # (prompt index, sample index)
     texts = {i: attention.render_prompt(prompts[i]["question"], instruction) for i in chosen}
@@ -461,7 +491,7 @@ def main(cfg):
         seeds = [sequence_seed(cfg.seed, step, i, j) for i, j in batch]
         if cfg.engine == "lmdeploy":
             results = lmdeploy_results(policy, [texts[i] for i, _ in batch], [prompt_ids[i] for i, _ in batch], seeds, cfg,
-                                       model.config.block_size)
+                                       model.config.block_size, tokenizer.eos_token_id)
         else:
             generators = [torch.Generator().manual_seed(seed) for seed in seeds]
             results = generate(model, [prompt_ids[i] for i, _ in batch], generators, cfg, stop_ids)

@@ -9,3 +9,20 @@ sys.path.insert(0, str(ROOT))
 
 # Two torch threads on two shared cores were measured 6x slower under outside load than one.
 torch.set_num_threads(int(os.environ.get("DIRL_TEST_THREADS", "1")))
+
+
+def assert_same_records(got, want, atol=1e-5):
+    """Two lists of rollout records are the same sample: every token, step, text and reward
+    exactly, logprobs to `atol`. Float sums can be reduced in another order when the batch
+    shape changes (another process count, batch size or engine), and which kernel runs
+    depends on the CPU, so logprobs are equal only up to rounding there (4.8e-7 seen on an
+    Intel Xeon); the tokens are drawn from the same uniforms and do not move."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        assert {k: v for k, v in g.items() if k != "logprobs"} == {k: v for k, v in w.items() if k != "logprobs"}
+        if w["logprobs"] is None:
+            assert g["logprobs"] is None
+        else:
+            assert len(g["logprobs"]) == len(w["logprobs"])
+            assert max((abs(a - b) for a, b in zip(g["logprobs"], w["logprobs"])), default=0.0) <= atol

@@ -305,6 +305,9 @@ def test_stale_and_mismatched_rollouts_are_refused(tmp_path):
     path.write_text("".join(json.dumps({**r, "sampler": {**r["sampler"], "block_size": 8}}) + "\n" for r in records))
     out = run_dipo(run)
     assert out.returncode == 1 and "block size 8" in out.stderr
+    path.write_text("".join(json.dumps({**r, "sampler": {**r["sampler"], "min_new_tokens": 128}}) + "\n" for r in records))
+    out = run_dipo(run)
+    assert out.returncode == 1 and "evaluation-only" in out.stderr
     path.write_text(good[: len(good) // 2])
     out = run_dipo(run)
     assert out.returncode == 1 and "not JSON" in out.stderr

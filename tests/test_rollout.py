@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, assert_same_records
 
 import attention
 import rollout
@@ -132,6 +132,24 @@ def test_finished_sequences_stop_costing_compute(stopping_model):
     assert any(r["finish"] == "stop" and len(r["response_ids"]) < 20 for r in results)
 
 
+def test_evaluation_switches_ban_eos_and_early_stops(stopping_model):
+    """DiRL's evaluation protocol: <|endoftext|> never drawn, no stop token in the first
+    min_new_tokens positions (the stopping model would otherwise stop early)."""
+    model, tokenizer = stopping_model
+    eos, im_end = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)
+    prompts = prompts_of(PROMPT_LENGTHS)
+    plain = rollout.generate(model, prompts, generators(len(prompts)), sampler_cfg(max_new_tokens=24), {eos, im_end})
+    assert any(eos in r["response_ids"] for r in plain)
+    cfg = sampler_cfg(max_new_tokens=24, ban_eos=True, min_new_tokens=10)
+    switched = rollout.generate(model, prompts, generators(len(prompts)), cfg, {im_end})
+    for r in switched:
+        assert eos not in r["response_ids"] and im_end not in r["response_ids"][:10]
+        assert len(r["response_ids"]) >= 10 or r["finish"] == "length"
+    banned = rollout.banned_tokens(cfg, 6, eos_id=5, stop_ids={4, 5}, response_index=torch.tensor([[-1, 9, 10]]))
+    assert banned[0, :, 5].all() and banned[0, :, 4].tolist() == [True, True, False] and not banned[..., :4].any()
+    assert rollout.banned_tokens(sampler_cfg(), 6, 5, {4, 5}, torch.tensor([[0]])) is None
+
+
 def test_commit_rules():
     conf = torch.tensor([[0.2, 0.95, 0.5, 0.91], [0.3, 0.1, 0.2, 0.05]])
     masked = torch.tensor([[True, True, True, False], [False, True, True, True]])
@@ -171,6 +189,10 @@ def run_dir(stopping_model, tmp_path_factory):
     attention.save_checkpoint(model, tokenizer, attention.policy_dir(run, 3))
     attention.publish_policy(run, 3)
     return run
+
+
+def read_records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def run_rollout(args):
@@ -283,6 +305,9 @@ def test_lmdeploy_settings_follow_our_flags():
     cfg.strategy, cfg.temperature = "low_confidence_static", 0.0
     engine, generation = rollout.lmdeploy_settings(cfg, 4)
     assert engine["dllm_denoising_steps"] == 2 and not generation["do_sample"]
+    cfg.min_new_tokens, cfg.ban_eos = 128, True  # DiRL's evaluation switches
+    assert {k: v for k, v in rollout.lmdeploy_settings(cfg, 4, eos_id=7)[1].items() if k in ("min_new_tokens", "bad_token_ids")} \
+        == {"min_new_tokens": 128, "bad_token_ids": [7]}
     cfg.denoising_steps = 3  # LMDeploy's quota is b // steps: a remainder would not be split as ours is
     with pytest.raises(ValueError, match="must divide the block size"):
         rollout.lmdeploy_settings(cfg, 4)
@@ -347,7 +372,8 @@ def test_lmdeploy_engine_path_writes_our_records(run_dir, tmp_path, stopping_mod
     for w, g in zip(want, got):
         n = rollout.stop_index(w["response_ids"], stop_ids) + 1 if w["finish"] == "stop" else len(w["response_ids"])
         assert g["response_ids"] == w["response_ids"][:n]  # LMDeploy's response ends at the stop token
-        assert g["step_map"] == w["step_map"][:n] and g["logprobs"] == pytest.approx(w["logprobs"][:n], abs=1e-6)
+        # the fake engine samples one sequence at a time, ours the whole batch: logprobs to rounding
+        assert g["step_map"] == w["step_map"][:n] and g["logprobs"] == pytest.approx(w["logprobs"][:n], abs=1e-5)
         assert (g["text"], g["reward"], g["finish"], g["sampler"]["engine"]) == (w["text"], w["reward"], w["finish"], "lmdeploy")
     no_logprobs = run_with_fake_lmdeploy(args + ["--out", tmp_path / "filled.jsonl"], FAKE_LMDEPLOY_LOGPROBS="0")
     assert no_logprobs.returncode == 0 and "no logprobs" in no_logprobs.stdout
@@ -373,5 +399,6 @@ def test_two_processes_write_the_same_file_as_one(run_dir, tmp_path):
     two = subprocess.run(torchrun + [str(ROOT / "rollout.py"), *map(str, args), "--out", str(tmp_path / "two.jsonl")],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    # two processes sample other batch shapes than one: the same records, logprobs to rounding
+    assert_same_records(read_records(tmp_path / "two.jsonl"), read_records(tmp_path / "one.jsonl"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]  # no part files left

@@ -26,6 +26,8 @@ class GenerationConfig:
     max_new_tokens: int = 512
     logprobs: int = None
     random_seed: int = None
+    min_new_tokens: int = None
+    bad_token_ids: list = None
 
 
 @dataclass
@@ -63,7 +65,9 @@ class pipeline:
                 assert e.dllm_denoising_steps == e.dllm_block_length  # ours commits one token per step
             cfg = SimpleNamespace(strategy=e.dllm_unmasking_strategy, threshold=e.dllm_confidence_threshold,
                                   denoising_steps=e.dllm_denoising_steps, temperature=g.temperature if g.do_sample else 0.0,
-                                  top_k=g.top_k, top_p=g.top_p, max_new_tokens=g.max_new_tokens)
+                                  top_k=g.top_k, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                                  ban_eos=self.tokenizer.eos_token_id in (g.bad_token_ids or []),
+                                  min_new_tokens=g.min_new_tokens or 0)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             res = rollout.generate(self.model, [ids], [torch.Generator().manual_seed(g.random_seed)], cfg, stop_ids)[0]
             b, counter, step_map, last_block = e.dllm_block_length, 0, [], None

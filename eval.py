@@ -77,9 +77,7 @@ from pathlib import Path
 
 DEFAULT_TIMEOUT = 3.0  # seconds per check; real answers need well under 1 s
 MAX_ANSWER_CHARS = 1000  # longer answers are compared as strings only
-MAX_TAIL_CHARS = (
-    500  # text around the last box that parse sees (the line of the box, at most this either side)
-)
+MAX_TAIL_CHARS = 500  # text around the last box that parse sees: the box's line, at most this either side
 MAX_NESTING = 8  # bracket depth (ANTLR slows down about 1.6x per level of bare braces)
 MAX_EXPONENT, MAX_FACTORIAL = 3000, 1000  # largest integer exponent and factorial argument parsed
 CHILD_MEMORY = 2 << 30  # bytes a check may add to the address space
@@ -258,13 +256,13 @@ class Checker:
             for _ in range(2):
                 if self.pid is None:
                     self._start()
-                self.conn.send((gold_text, pred_text))
-                if not self.conn.poll(timeout):
-                    self._kill()
-                    return False, None
                 try:
+                    self.conn.send((gold_text, pred_text))
+                    if not self.conn.poll(timeout):
+                        self._kill()
+                        return False, None
                     return self.conn.recv()
-                except EOFError:
+                except (EOFError, OSError):  # the child died (a crash, the memory cap): retry in a new one
                     self._kill()
             return False, None
 

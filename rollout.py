@@ -16,19 +16,20 @@ An existing output file is kept, not overwritten (--force resamples), so rerunni
 shell loop resumes it.
 
 The sampler (DESIGN.md, "The sampler"; "Rollout engine" in PAPER.md). Blocks sit at
-absolute positions from 0, as in training; prompts are left-padded by whole blocks so that
-every prompt's last block ends in the same column, and that block's free positions are the
-first to generate.
-The prompts are prefilled into a KV cache once. Then, block by block, every denoising step
-runs only the current block against the cache, draws a token at every masked position
-(temperature, top-k, top-p) and commits some of them:
+absolute positions from 0, as in training; a prompt that ends inside a block generates the
+rest of that block first. Each prompt's complete blocks are prefilled into a KV cache once.
+Then every denoising step runs only a row's current block against the cache, draws a token
+at every masked position (temperature, top-k, top-p) and commits some of them:
   low_confidence_dynamic  the most confident token plus every token with confidence >= --threshold
   low_confidence_static   a fixed quota per step, the most confident first (--denoising-steps)
   sequential              the leftmost masked token (one per step)
-The complete block is then written to the cache with one more forward. A sequence stops at
-the block holding eos or <|im_end|>, or at --max-new-tokens; finished sequences leave the
-batch (for evaluation only, --ban-eos and --min-new-tokens follow DiRL's protocol: no
-<|endoftext|>, no stop token before N new tokens; dipo.py refuses such files). For every
+A complete block is written to the cache with one more forward of that row. Rows advance
+independently: a batch forward carries one block per live row, either a denoising step or
+a clean block being written, so no row waits for the slowest one (RowCache keeps a length
+per row). A sequence stops at the block holding eos or <|im_end|>, or at --max-new-tokens,
+and leaves the batch at once (for evaluation only, --ban-eos and --min-new-tokens follow
+DiRL's protocol: no <|endoftext|>, no stop token before N new tokens; dipo.py refuses such
+files). For every
 committed token the record keeps its step inside its block (step_map) and
 its log-probability at temperature 1 in the state it was committed in (logprobs): DiPO
 rebuilds exactly those states, which is what makes it unbiased.
@@ -61,7 +62,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
 import attention
 import eval as grader
@@ -163,99 +164,158 @@ def banned_tokens(cfg, vocab_size, eos_id, stop_ids, response_index):
     return banned
 
 
-def block_attention_mask(pad, start, width, total):
-    """[B, 1, width, total] bool for queries at columns start..start+width-1 over keys
-    0..total-1: every earlier column except left padding, and the query's own block."""
-    col = torch.arange(total, device=pad.device)
-    allowed = (col[None, :] >= pad[:, None]) & (col[None, :] < start + width)  # [B, total]
-    return allowed[:, None, None, :].expand(-1, 1, width, -1)
+class RowCache(Cache):
+    """A KV cache in which every row (sequence) has its own length, so that each row can be at
+    a block of its own. Keys and values live in one preallocated buffer per layer,
+    [rows, kv heads, capacity, head dim]; a forward writes its chunk of every row at that
+    row's `lengths[r]` and attends over the buffer up to the longest row plus the chunk.
+    What a query may see is the caller's 4D mask (`chunk_attention_mask`), which never shows
+    a column at or past a row's length outside the chunk being written; so a denoising step
+    leaves nothing behind (the next chunk overwrites it), and a clean block is kept by
+    advancing the row's length past it. The live rows are the buffer's first `live` rows:
+    rows that finish leave with `keep`, which moves only the rows that fill their places.
+    Only `update` is used by the model: positions and masks are given explicitly."""
+
+    def __init__(self, model, rows, capacity):
+        super().__init__(layers=[])  # the base class's per-layer objects are replaced by the buffers below
+        config, weight = model.config, model.lm_head.weight
+        shape = (rows, config.num_key_value_heads, capacity, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=weight.device)  # [R] clean columns of each row
+        self.live, self.width = rows, 0  # width: columns the next forward attends over (chunk_attention_mask)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        chunk = key_states.shape[2]
+        columns = self.lengths[:, None] + torch.arange(chunk, device=key_states.device)  # [R, W]
+        index = columns[:, None, :, None].expand_as(key_states)  # [R, H, W, D]
+        keys, values = self.keys[layer_idx][: self.live], self.values[layer_idx][: self.live]
+        keys.scatter_(2, index, key_states)
+        values.scatter_(2, index, value_states)
+        return keys[:, :, : self.width], values[:, :, : self.width]
+
+    def get_seq_length(self, layer_idx=0):
+        return int(self.lengths.max())
+
+    def keep(self, order):
+        """Row i becomes the old row order[i], for i < len(order)."""
+        for i, j in enumerate(order):
+            if i != j:
+                for buffer in self.keys + self.values:
+                    buffer[i] = buffer[j]
+        self.lengths, self.live = self.lengths[order], len(order)
 
 
-def prefill_attention_mask(pad, width, block_size):
-    """[B, 1, width, width] bool: block-causal over columns 0..width-1, padding excluded (a
-    padding query sees itself so that no softmax row is empty)."""
-    col = torch.arange(width, device=pad.device)
-    block = col // block_size  # pad is a multiple of block_size, so column blocks are position blocks
-    causal = block[None, :] <= block[:, None]  # [Q, K]
-    real = col[None, :] >= pad[:, None]  # [B, K]
-    allowed = causal[None] & real[:, None, :]
-    allowed |= torch.eye(width, dtype=torch.bool, device=pad.device)[None]
-    return allowed[:, None]
+def compaction_order(live):
+    """The rows that stay, as RowCache.keep wants them: the live rows among the first
+    `count` stay in place and each dead one there takes a live row from the end."""
+    count = sum(live)
+    movers = [i for i in range(count, len(live)) if live[i]]
+    return [i if live[i] else movers.pop() for i in range(count)]
+
+
+def chunk_attention_mask(lengths, chunk, block_size):
+    """[R, 1, W, K] bool for a chunk of W columns written at each row's length: every clean
+    column of the row, and the chunk's own columns up to the end of the query's block
+    (block-causal inside the chunk; one block is one bidirectional block). K = the longest
+    row plus the chunk."""
+    width = int(lengths.max()) + chunk
+    col = torch.arange(width, device=lengths.device)[None, None, :]  # [1, 1, K]
+    query = lengths[:, None, None] + torch.arange(chunk, device=lengths.device)[None, :, None]  # [R, W, 1]
+    in_chunk = (col >= lengths[:, None, None]) & (col // block_size <= query // block_size)
+    return ((col < lengths[:, None, None]) | in_chunk)[:, None], width
 
 
 @torch.no_grad()
 def generate(model, prompts, generators, cfg, stop_ids):
     """Sample one response per prompt. prompts: lists of token ids; generators: one per prompt.
-    Returns per prompt a dict: response_ids, step_map, logprobs, finish, forwards."""
-    b, mask_id, device = model.config.block_size, model.config.mask_token_id, model.device
-    ends = [-(-len(p) // b) * b for p in prompts]  # each prompt's last block ends here
-    width = max(ends)
-    pad = torch.tensor([width - e for e in ends], device=device)  # [B], whole blocks
-    ids = torch.full((len(prompts), width), mask_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - ends[i]: width - ends[i] + len(p)] = torch.tensor(p)
-    ids = ids.to(device)  # [B, width]: padding, prompt, then masks up to the block boundary
-    ids.masked_fill_(torch.arange(width, device=device)[None] < pad[:, None], model.config.eos_token_id)
-    layer_types = set(model.config.layer_types)
-    rows = torch.arange(len(prompts), device=device)  # the prompts still being sampled
-    response_start = torch.tensor([width - e + len(p) for e, p in zip(ends, prompts)], device=device)  # [B] columns
+    Returns per prompt a dict: response_ids, step_map, logprobs, finish, forwards.
 
-    def forward(tokens, start, mask, cache):
-        positions = torch.arange(start, start + tokens.shape[1], device=device)[None] - pad[rows, None]
-        out = model(input_ids=tokens, position_ids=positions.clamp(min=0), past_key_values=cache, use_cache=True,
-                    attention_mask={t: mask for t in layer_types})
+    Every row moves through its own blocks: a forward carries one block per live row, either
+    a denoising step of its current block or, once the block is complete, that clean block
+    being written to the cache. So no row waits for the slowest one, and a row that finishes
+    leaves at once (without writing its last block)."""
+    b, mask_id, device = model.config.block_size, model.config.mask_token_id, model.device
+    n = len(prompts)
+    prompt_len = torch.tensor([len(p) for p in prompts], device=device)  # [N]
+    clean = prompt_len // b * b  # [N] each prompt's complete blocks, prefilled once
+    cache = RowCache(model, n, capacity=int(prompt_len.max()) + cfg.max_new_tokens + 2 * b)
+    layer_types = set(model.config.layer_types)
+
+    def forward(tokens, logits_to_keep=0):  # one chunk per row, at each row's own length
+        mask, cache.width = chunk_attention_mask(cache.lengths, tokens.shape[1], b)
+        positions = cache.lengths[:, None] + torch.arange(tokens.shape[1], device=device)[None]
+        out = model(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True,
+                    attention_mask={t: mask for t in layer_types}, logits_to_keep=logits_to_keep)
         return out.logits
 
+    if int(clean.max()) > 0:  # prefill; a shorter prompt's padding columns are overwritten later
+        ids = torch.full((n, int(clean.max())), model.config.eos_token_id, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p) // b * b] = torch.tensor(p[: len(p) // b * b])
+        forward(ids.to(device), logits_to_keep=1)  # only the cache is wanted: no LM head over the prompts
+        cache.lengths = clean.clone()
+    block = torch.full((n, b), mask_id, dtype=torch.long)  # [R, b] each row's current block
+    for r, p in enumerate(prompts):  # the first block holds the prompt's tail, if any
+        block[r, : len(p) - len(p) // b * b] = torch.tensor(p[len(p) // b * b :], dtype=torch.long)
+    block = block.to(device)
+    masked = block == mask_id  # [R, b] positions still to commit
+    new = masked.clone()  # [R, b] the response's positions in the block
+    to_commit = masked.sum(-1)  # [R] for the static quota
+    step = torch.zeros(n, dtype=torch.long, device=device)  # [R] denoising steps taken in the block
+    step_map = torch.full_like(block, -1)
+    logprobs = torch.zeros(block.shape, device=device)
+    writing = torch.zeros(n, dtype=torch.bool, device=device)  # [R] this forward writes the clean block
+    rows = torch.arange(n, device=device)  # [R] the prompt of each live row
     results = [dict(response_ids=[], step_map=[], logprobs=[], finish="length", forwards=0) for _ in prompts]
-    cache = DynamicCache()
-    start = width - b  # first column of the current block
-    if start > 0:
-        forward(ids[:, :start], 0, prefill_attention_mask(pad, start, b), cache)
-    block = ids[:, start:]  # [B, b]
     while len(rows):
-        masked = block == mask_id  # [B', b]
-        first_masked = masked.clone()
-        to_commit = masked.sum(-1)
-        step_map = torch.full_like(block, -1)
-        logprobs = torch.zeros(block.shape, device=device)
-        step = 0
-        while masked.any():
-            logits = forward(block, start, block_attention_mask(pad[rows], start, b, start + b), cache)  # [B', b, V]
-            cache.crop(-b)  # the cache keeps clean blocks only
-            uniforms = torch.zeros(block.shape)  # drawn only for sequences still denoising: no batch effects
-            for j in masked.any(-1).nonzero().flatten().tolist():
-                uniforms[j] = torch.rand(b, generator=generators[rows[j]])
-            uniforms = uniforms.to(device)
-            columns = start + torch.arange(b, device=device)[None] - response_start[rows, None]  # [B', b]
-            banned = banned_tokens(cfg, logits.shape[-1], model.config.eos_token_id, stop_ids, columns)
-            tokens, confidence, logp = sample_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms, banned)
-            quota = torch.tensor([static_quota(n, cfg.denoising_steps, step) for n in to_commit.tolist()], device=device)
-            commit = choose_commits(confidence, masked, cfg.strategy, cfg.threshold, quota)
-            block = torch.where(commit, tokens, block)
-            step_map = torch.where(commit, step, step_map)
-            logprobs = torch.where(commit, logp, logprobs)
-            for r in rows[masked.any(-1)].tolist():
-                results[r]["forwards"] += 1
-            masked &= ~commit
-            step += 1
-        forward(block, start, block_attention_mask(pad[rows], start, b, start + b), cache)  # write the clean block
-        keep = []
-        for j, r in enumerate(rows.tolist()):
-            new = first_masked[j]
-            result = results[r]
-            result["response_ids"] += block[j][new].tolist()
-            result["step_map"] += step_map[j][new].tolist()
-            result["logprobs"] += logprobs[j][new].tolist()
-            if any(t in stop_ids for t in block[j][new].tolist()):
+        logits = forward(block)  # [R, b, V]
+
+        # denoising rows draw a token at every position and commit some of them
+        denoising = ~writing
+        uniforms = torch.zeros(block.shape)  # drawn only for rows that denoise: no batch effects
+        for j in denoising.nonzero().flatten().tolist():
+            uniforms[j] = torch.rand(b, generator=generators[rows[j]])
+        response_index = cache.lengths[:, None] + torch.arange(b, device=device)[None] - prompt_len[rows, None]
+        banned = banned_tokens(cfg, logits.shape[-1], model.config.eos_token_id, stop_ids, response_index)
+        tokens, confidence, logp = sample_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms.to(device), banned)
+        quota = torch.tensor([static_quota(m, cfg.denoising_steps, s) for m, s in zip(to_commit.tolist(), step.tolist())],
+                             device=device)
+        commit = choose_commits(confidence, masked, cfg.strategy, cfg.threshold, quota) & denoising[:, None]
+        block = torch.where(commit, tokens, block)
+        step_map = torch.where(commit, step[:, None], step_map)
+        logprobs = torch.where(commit, logp, logprobs)
+        masked &= ~commit
+        step += denoising.long()
+        for r in rows[denoising].tolist():
+            results[r]["forwards"] += 1
+
+        # rows whose clean block this forward wrote keep it and start their next block
+        cache.lengths += writing.long() * b
+        block[writing], masked[writing], new[writing] = mask_id, True, True
+        to_commit[writing], step[writing], step_map[writing], logprobs[writing] = b, 0, -1, 0.0
+
+        # rows that completed their block record it; they stop, or write the block next
+        completed = denoising & ~masked.any(-1)
+        writing = completed.clone()
+        for j in completed.nonzero().flatten().tolist():
+            result = results[rows[j]]
+            committed = block[j][new[j]].tolist()
+            result["response_ids"] += committed
+            result["step_map"] += step_map[j][new[j]].tolist()
+            result["logprobs"] += logprobs[j][new[j]].tolist()
+            if any(t in stop_ids for t in committed):
                 result["finish"] = "stop"
-            elif len(result["response_ids"]) < cfg.max_new_tokens:
-                keep.append(j)
-        keep = torch.tensor(keep, dtype=torch.long, device=device)
-        if len(keep) < len(rows):
-            cache.batch_select_indices(keep)
-        rows = rows[keep]
-        start += b
-        block = torch.full((len(rows), b), mask_id, dtype=torch.long, device=device)
+                writing[j] = False
+            elif len(result["response_ids"]) >= cfg.max_new_tokens:
+                writing[j] = False
+        live = ~completed | writing
+        if not live.all():  # finished rows leave the batch
+            order = compaction_order(live.tolist())
+            cache.keep(order)
+            keep = torch.tensor(order, dtype=torch.long, device=device)
+            rows, block, masked, new, to_commit, step, step_map, logprobs, writing = (
+                t[keep] for t in (rows, block, masked, new, to_commit, step, step_map, logprobs, writing))
     return results
 
 

@@ -3,14 +3,18 @@
 1. KV-cached vs recompute-everything: rollout.generate against a loop that runs the whole
    prefix at every step (no cache), on the same --sequences prompts of one length (so the
    recompute loop needs no padding), batched alike, --new-tokens tokens each (no stopping),
-   the sequential strategy on the tiny model (both do the same number of forwards). Prints
-   tokens/s of each and the ratio, and checks they sampled the same tokens.
-2. With --policy (a trained checkpoint, e.g. runs/arith/policy/step_000000): tokens committed
-   per denoising forward with low_confidence_dynamic at --threshold vs sequential (1 by
-   construction), on --prompts test prompts.
+   the sequential strategy on the tiny model. Prints tokens/s of each and the ratio, and
+   checks they sampled the same tokens.
+2. With --policy (a trained checkpoint, e.g. runs/arith/policy/step_000000): the rollout
+   setting, --prompts test prompts in batches of --batch-size with --max-new-tokens, for
+   low_confidence_dynamic at --threshold, sequential and low_confidence_static with 2 steps:
+   tokens/s, batch forwards per block (block forwards over the mean number of response
+   blocks per row) and tokens committed per row-forward (a row-forward is one row of one
+   block forward: a denoising step or a clean block written to the cache). Run it alone on
+   the machine: a timing beside other work is not a measurement.
 
 Usage:  python benchmarks/sampler.py [--new-tokens 256] [--sequences 16] [--threads 1]
-                                     [--policy DIR --prompts 100 --threshold 0.9]
+                                     [--policy DIR --prompts 256 --batch-size 64 --max-new-tokens 128]
 """
 
 import argparse
@@ -57,7 +61,9 @@ def main():
     parser.add_argument("--sequences", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--policy", default="")
-    parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threshold", type=float, default=0.9)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,22 +92,42 @@ def main():
     print(f"  ratio {timings['recompute'] / timings['kv_cache']:.1f}x; same tokens: {same}")
 
     if args.policy:
-        model, tokenizer = attention.load_model(args.policy, attn="sdpa")
-        model.eval()
-        stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)}
-        prompts = [tokenizer(attention.render_prompt(q, model.config.instruction), add_special_tokens=False)["input_ids"]
-                   for q in questions[:args.prompts]]
-        print(f"{args.policy}: {len(prompts)} test prompts, temperature 1")
-        for strategy in ("low_confidence_dynamic", "sequential"):
-            cfg = rollout.Config(strategy=strategy, threshold=args.threshold, max_new_tokens=96)
-            gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-            start = time.perf_counter()
-            results = rollout.generate(model, prompts, gens, cfg, stop_ids)
-            seconds = time.perf_counter() - start
-            tokens = sum(len(r["response_ids"]) for r in results)
-            forwards = sum(r["forwards"] for r in results)
-            print(f"  {strategy:<24} {tokens / forwards:.2f} tokens/forward, {tokens / seconds:,.0f} tokens/s")
+        policy_speed(args, questions)
 
+
+def policy_speed(args, questions):
+    model, tokenizer = attention.load_model(args.policy, attn="sdpa")
+    model.eval()
+    b = model.config.block_size
+    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)}
+    prompts = [tokenizer(attention.render_prompt(q, model.config.instruction), add_special_tokens=False)["input_ids"]
+               for q in questions[:args.prompts]]
+    calls = []  # rows of every forward of one block per row (the prefill is wider)
+    model.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].shape[0])
+                                if kw["input_ids"].shape[1] == b else None, with_kwargs=True)
+    print(f"{args.policy}: {len(prompts)} test prompts in batches of {args.batch_size}, {args.max_new_tokens} new tokens, "
+          f"temperature 1, {args.threads} thread(s)")
+    settings = [("low_confidence_dynamic", f"dynamic {args.threshold}", {}), ("sequential", "sequential", {}),
+                ("low_confidence_static", "static, 2 steps", {"denoising_steps": 2})]
+    speed = {}
+    for strategy, name, extra in settings:
+        cfg = rollout.Config(strategy=strategy, threshold=args.threshold, max_new_tokens=args.max_new_tokens, **extra)
+        calls.clear()
+        tokens = blocks = 0
+        start = time.perf_counter()
+        for first in range(0, len(prompts), args.batch_size):
+            batch = prompts[first:first + args.batch_size]
+            gens = [torch.Generator().manual_seed(first + i) for i in range(len(batch))]
+            for p, r in zip(batch, rollout.generate(model, batch, gens, cfg, stop_ids)):
+                tokens += len(r["response_ids"])
+                blocks += (len(p) + len(r["response_ids"]) - 1) // b - (len(p) - 1) // b + (len(p) % b == 0)
+        seconds = time.perf_counter() - start
+        speed[name] = tokens / seconds
+        per_block = len(calls) / (blocks / len(prompts))
+        print(f"  {name:<16} {speed[name]:8,.0f} tokens/s | {per_block:5.2f} batch forwards per block | "
+              f"{tokens / sum(calls):.2f} tokens per row-forward | {tokens / len(prompts):.1f} tokens per response")
+    dynamic = speed[f"dynamic {args.threshold}"]
+    print(f"  dynamic / sequential {dynamic / speed['sequential']:.2f}x, dynamic / static {dynamic / speed['static, 2 steps']:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -95,17 +95,45 @@ def test_kv_cached_sampler_equals_recompute_everything(stopping_model, strategy)
     assert {r["finish"] for r in cached} == {"stop", "length"}  # both endings are exercised
 
 
-def test_records_do_not_depend_on_the_batch(stopping_model):
+def mixed_prompts(n, seed=1):
+    """n prompts of very different lengths (2 to 41 tokens): rows start in different columns
+    of their first block and carry different amounts of cache."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 42, (n,), generator=g).tolist()
+    return [torch.randint(4, 100, (k,), generator=g).tolist() for k in lengths]
+
+
+def test_batch_of_64_with_mixed_lengths_equals_recompute_everything(stopping_model):
     model, tokenizer = stopping_model
-    cfg, stop_ids = sampler_cfg(), {tokenizer.eos_token_id}
-    prompts = prompts_of(PROMPT_LENGTHS)
-    together = rollout.generate(model, prompts, generators(len(prompts)), cfg, stop_ids)
-    alone = [rollout.generate(model, [p], [g], cfg, stop_ids)[0] for p, g in zip(prompts, generators(len(prompts)))]
+    cfg = sampler_cfg(max_new_tokens=12)
+    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)}
+    prompts = mixed_prompts(64)
+    cached = rollout.generate(model, prompts, generators(64), cfg, stop_ids)
+    for prompt, gen, got in zip(prompts, generators(64), cached):
+        want = reference_generate(model, prompt, gen, cfg, stop_ids)
+        assert (got["response_ids"], got["step_map"], got["finish"]) == (want["response_ids"], want["step_map"], want["finish"])
+        torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]), atol=1e-4, rtol=1e-4)
+    first_block = [-len(p) % 4 or 4 for p in prompts]  # response tokens in each row's first block
+    assert any(r["finish"] == "stop" and len(r["response_ids"]) <= k for r, k in zip(cached, first_block))
+    assert any(r["finish"] == "length" for r in cached)
+
+
+def test_batch_of_one_equals_batch_of_64(stopping_model):
+    model, tokenizer = stopping_model
+    cfg, stop_ids = sampler_cfg(max_new_tokens=12), {tokenizer.eos_token_id}
+    prompts = mixed_prompts(64, seed=2)
+    together = rollout.generate(model, prompts, generators(64), cfg, stop_ids)
+    alone = [rollout.generate(model, [p], [g], cfg, stop_ids)[0] for p, g in zip(prompts, generators(64))]
     for a, b in zip(together, alone):
-        assert a["response_ids"] == b["response_ids"] and a["step_map"] == b["step_map"]
+        assert (a["response_ids"], a["step_map"], a["finish"]) == (b["response_ids"], b["step_map"], b["finish"])
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) <= 1e-5  # another batch shape: rounding
 
 
-def test_finished_sequences_stop_costing_compute(stopping_model):
+def test_every_forward_row_has_work(stopping_model):
+    """Rows advance independently: a forward carries each live row once, for a denoising step
+    of its block or for writing its completed block, and a row that stops leaves at once. So
+    the rows over all forwards are the prefill plus, per row and block, its steps, plus one
+    write for every block but its last."""
     model, tokenizer = stopping_model
     cfg, stop_ids = sampler_cfg(max_new_tokens=40), {tokenizer.eos_token_id}
     prompts = prompts_of(PROMPT_LENGTHS)
@@ -116,20 +144,17 @@ def test_finished_sequences_stop_costing_compute(stopping_model):
     finally:
         hook.remove()
     b = model.config.block_size
-    # blocks sit in the same columns for every sequence; a sequence takes part in a block's
-    # forwards (as many as the slowest sequence needs, plus one cache write) only while it is unfinished
-    steps_per_block = []  # per sequence: denoising steps it needed in each of its blocks
+    expected = len(prompts)  # the prefill (some prompt has a complete block)
     for p, r in zip(prompts, results):
-        first = -len(p) % b  # new tokens in the first block, which may be all prompt
-        sizes = [first] + [b] * ((len(r["response_ids"]) - first) // b)
+        first = -len(p) % b or b  # response tokens in the first block
+        sizes = [first] + [b] * -(-(len(r["response_ids"]) - first) // b)
         cuts = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
-        steps_per_block.append([max(r["step_map"][cuts[k]:cuts[k + 1]], default=-1) + 1 for k in range(len(sizes))])
-    expected = len(prompts)  # the prefill
-    for k in range(max(map(len, steps_per_block))):
-        alive = [s[k] for s in steps_per_block if k < len(s)]
-        expected += len(alive) * (max(alive) + 1)
+        steps = [max(r["step_map"][cuts[k]:cuts[k + 1]]) + 1 for k in range(len(sizes))]
+        assert sum(steps) == r["forwards"]
+        expected += sum(steps) + len(steps) - 1
     assert sum(rows) == expected
     assert any(r["finish"] == "stop" and len(r["response_ids"]) < 20 for r in results)
+    assert max(rows[1:]) == len(prompts) and rows[-1] < len(prompts)  # rows leave as they finish
 
 
 def test_evaluation_switches_ban_eos_and_early_stops(stopping_model):
@@ -148,6 +173,11 @@ def test_evaluation_switches_ban_eos_and_early_stops(stopping_model):
     banned = rollout.banned_tokens(cfg, 6, eos_id=5, stop_ids={4, 5}, response_index=torch.tensor([[-1, 9, 10]]))
     assert banned[0, :, 5].all() and banned[0, :, 4].tolist() == [True, True, False] and not banned[..., :4].any()
     assert rollout.banned_tokens(sampler_cfg(), 6, 5, {4, 5}, torch.tensor([[0]])) is None
+
+
+def test_compaction_moves_only_the_rows_that_fill_gaps():
+    assert rollout.compaction_order([True, False, True, True, False, True]) == [0, 5, 2, 3]
+    assert rollout.compaction_order([False, False]) == [] and rollout.compaction_order([True, True]) == [0, 1]
 
 
 def test_commit_rules():

@@ -4,7 +4,7 @@ Every stage imports this file; it is the one place where the attention rule of a
 blockwise diffusion LM (SDAR) is written down.
 
 A training row holds, per document, one clean copy x0 and R >= 1 noisy copies,
-all sharing position ids (DESIGN.md, "The mask"). With block(i) = pos(i) // b,
+all sharing position ids (docs/design.md, "The mask"). With block(i) = pos(i) // b,
 query i may attend key j of the same document when
   1. both are clean and block(j) <= block(i)            (block-causal),
   2. both are in the same noisy copy and block(j) == block(i)  (bidirectional in a block),
@@ -36,26 +36,23 @@ cached instead of on every forward; packed documents and noisy copies that skip
 prompt-only blocks are part of the rule; one block size, read from the checkpoint.
 """
 
-import argparse
 import dataclasses
 import functools
 import hashlib
-import importlib.metadata
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from transformers import AttentionInterface, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from common import flag, parse_config
 
 EOS_TOKEN = "<|endoftext|>"  # also the padding token, as in SDAR
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -65,49 +62,6 @@ DEFAULT_BLOCK_SIZE = 4
 DIRL_INSTRUCTION = "Please reason step by step, and put your final answer within $\\boxed{}$."
 TINY_INSTRUCTION = ""  # every character is a token for the tiny tokenizer, and the task always boxes
 BACKENDS = {"sdpa": "sdpa", "eager": "eager", "flex": "dirl_flex"}  # our name -> transformers' name
-
-
-# ----------------------------------------------------------------------------- configs and flags
-
-
-def flag(default, help):
-    """A dataclass field whose help text becomes the --help of its command-line flag."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-def parse_config(config_cls, argv=None, description=None):
-    """Build an argparse parser from a @dataclass Config: one --kebab-case flag per field,
-    booleans as --x/--no-x, plus --config FILE.json. Precedence: defaults < file < flags."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="FILE.json", help="JSON object with any of the fields below (snake_case); flags given on the command line win")
-    for f in dataclasses.fields(config_cls):
-        name = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help = f"{f.metadata.get('help', '')} (default: {default!r})"
-        if f.type is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
-        elif isinstance(default, list):
-            parser.add_argument(name, nargs="*", type=type(default[0]) if default else str, default=argparse.SUPPRESS, help=help)
-        else:
-            kind = f.type if f.type in (int, float, str) else str
-            parser.add_argument(name, type=kind, default=argparse.SUPPRESS, help=help)
-    args = vars(parser.parse_args(argv))
-    values = {}
-    if args.get("config"):
-        path = Path(args.pop("config"))
-        try:
-            values = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            parser.error(f"--config {path}: {e}")
-        known = {f.name for f in dataclasses.fields(config_cls)}
-        unknown = sorted(set(values) - known)
-        if not isinstance(values, dict) or unknown:
-            parser.error(f"--config {path}: unknown keys {unknown}; known: {sorted(known)}")
-    args.pop("config", None)
-    values.update(args)
-    return config_cls(**values)
 
 
 # ----------------------------------------------------------------------------- the mask
@@ -152,7 +106,7 @@ def make_layout(rows, block_size):
 
 
 def block_diffusion_mask_mod(layout):
-    """The three rules of DESIGN.md as a FlexAttention mask_mod over flat row indices.
+    """The three rules of docs/design.md as a FlexAttention mask_mod over flat row indices.
     Written with tensor ops only, so it also runs broadcast over index grids (dense mask)."""
     doc, copy, blk = layout.doc, layout.copy, layout.pos // layout.block_size
 
@@ -279,6 +233,53 @@ def pack_rows(sizes, row_len):
             rows.append([i])
             room.append(row_len - sizes[i])
     return rows
+
+
+# ----------------------------------------------------------------------------- packed rows [clean ; noisy copies]
+
+
+def replay_copies(prompt_ids, response_ids, step_map, mask_id, block_size, rounds=None):
+    """The noisy copies that replay a sampled response: one per denoising round s that commits
+    a token (or only `rounds`), round s masking every response token committed at step >= s,
+    which is the state the sampler was in at step s of every block. Each copy covers
+    positions noisy_from.. (noisy_from: the first block that holds a response token).
+    Returns (noisy_from, rounds, copies)."""
+    clean = list(prompt_ids) + list(response_ids)
+    prompt_len = len(prompt_ids)
+    noisy_from = prompt_len // block_size * block_size
+    rounds = sorted(set(step_map)) if rounds is None else rounds
+    copies = [[mask_id if pos >= prompt_len and step_map[pos - prompt_len] >= s else clean[pos]
+               for pos in range(noisy_from, len(clean))] for s in rounds]
+    return noisy_from, rounds, copies
+
+
+def pack_copies(documents, block_size, pad_id, row_len):
+    """The one builder of training rows, for SFT (one noisy copy x_t per document) and DiPO
+    (one copy per denoising round). documents: (clean ids, noisy_from, copies), each copy the
+    tokens of positions noisy_from.. . A document's columns are [clean ; copy 0 ; copy 1 ...]
+    inside one row (pack_rows). Returns input_ids [B, N], the Layout, the rows (document
+    indices per row, in column order) and each document's first column; position p of copy
+    k is at copy_column(first, len(clean), noisy_from, k, p)."""
+    sizes = [len(clean) + len(copies) * (len(clean) - noisy_from) for clean, noisy_from, copies in documents]
+    rows = pack_rows(sizes, row_len)
+    ids, spec, first = [], [], [0] * len(documents)
+    for row in rows:
+        row_ids, row_spec = [], []
+        for d in row:
+            clean, noisy_from, copies = documents[d]
+            first[d] = len(row_ids)
+            row_ids += list(clean) + [t for copy in copies for t in copy]
+            row_spec.append((len(clean), len(copies), noisy_from))
+        ids.append(row_ids)
+        spec.append(row_spec)
+    width = max(len(r) for r in ids)
+    input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in ids])  # [B, N]
+    return input_ids, make_layout(spec, block_size), rows, first
+
+
+def copy_column(first, length, noisy_from, k, pos):
+    """Column of position `pos` of noisy copy k of a document that starts at column `first`."""
+    return first + length + k * (length - noisy_from) + pos - noisy_from
 
 
 # ----------------------------------------------------------------------------- the text format
@@ -425,137 +426,6 @@ def save_checkpoint(model, tokenizer, out_dir, state_dict=None, trainer_state=No
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-
-
-# ----------------------------------------------------------------------------- the run directory
-
-
-def write_atomic(path, data):
-    """Write str or bytes to `path` through a temporary sibling and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
-def policy_dir(run, step):
-    return Path(run) / "policy" / f"step_{step:06d}"
-
-
-def latest_policy(run):
-    """(step, dir) of the checkpoint that runs/<run>/policy/latest names."""
-    latest = Path(run) / "policy" / "latest"
-    if not latest.is_file():
-        raise FileNotFoundError(f"{latest}: no policy yet (run `python sft.py --run {run}` first)")
-    name = latest.read_text().strip()
-    if not re.fullmatch(r"step_\d{6}", name) or not (latest.parent / name / "config.json").is_file():
-        raise ValueError(f"{latest}: names {name!r}, which is not a checkpoint in {latest.parent}")
-    return int(name[len("step_"):]), latest.parent / name
-
-
-def publish_policy(run, step):
-    """Point policy/latest at step `step` (its checkpoint must already be written)."""
-    write_atomic(Path(run) / "policy" / "latest", f"step_{step:06d}\n")
-
-
-def data_stream(step, per_step, total, seed):
-    """The items of step `step`: positions step*per_step .. (step+1)*per_step - 1 of an endless
-    stream that visits items 0..total-1 in a fresh seeded order every pass. Returns (stream
-    position, item index) pairs. sft.py walks its documents this way (the position seeds a
-    document's noise), rollout.py its prompts."""
-    out = []
-    for i in range(step * per_step, (step + 1) * per_step):
-        epoch, k = divmod(i, total)
-        out.append((i, _epoch_order(total, seed, epoch)[k]))
-    return out
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_order(total, seed, epoch):
-    return torch.randperm(total, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
-
-def append_metrics(run, record):
-    Path(run).mkdir(parents=True, exist_ok=True)
-    with open(Path(run) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")  # wall time: loop curves, time splits
-
-
-def record_invocation(run, stage, cfg):
-    """What reproduces this call from the run dir alone: config/<stage>.json (the resolved
-    config, usable as --config) and a metrics.jsonl line {"stage", "event": "start", "config",
-    "git_commit", "packages"}, so every invocation stays in the history."""
-    config = dataclasses.asdict(cfg)
-    write_atomic(Path(run) / "config" / f"{stage}.json", json.dumps(config, indent=2))
-    here = Path(__file__).resolve().parent
-    git = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True, text=True)
-    packages = {}
-    for name in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "sympy", "tqdm"):
-        try:
-            packages[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            packages[name] = None
-    append_metrics(run, {"stage": stage, "event": "start", "config": config,
-                         "git_commit": git.stdout.strip() if git.returncode == 0 else None,
-                         "python": sys.version.split()[0], "packages": packages})
-
-
-# ----------------------------------------------------------------------------- many processes
-
-
-def init_distributed(device="auto"):
-    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
-    nccl on CUDA, gloo on CPU; each process takes the GPU of its LOCAL_RANK."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if world == 1:
-        return 0, 1, torch.device(device)
-    if torch.device(device).type == "cuda":
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return torch.distributed.get_rank(), world, torch.device(device)
-
-
-def shard_model(model, compute_dtype=torch.float32):
-    """FSDP2: shard every decoder layer, then the rest. Gradients are summed across processes,
-    not averaged: each process's loss is already divided by the global count of its units.
-    With a bfloat16 compute dtype the weights are gathered and used in bfloat16 while each
-    process keeps its float32 shard (and AdamW's state) and gradients are reduced in float32."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
-                                  reduce_dtype=torch.float32)
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model.lm_head, mp_policy=policy)  # its own unit: forward_layout(at=...) calls it after the model's forward
-    fully_shard(model, mp_policy=policy)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
-    return model
-
-
-def full_state(model, optimizer=None):
-    """Full (unsharded, CPU) model and optimizer state dicts; a collective under FSDP, so every
-    process calls it. Without FSDP it is the plain state dict."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(model, options=options)
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
-    return model_sd, optim_sd
-
-
-def load_optimizer_state(model, optimizer, optim_sd):
-    """Inverse of full_state for the optimizer: every process passes the full state dict."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
 
 
 # ----------------------------------------------------------------------------- command line

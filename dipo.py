@@ -1,7 +1,7 @@
 """dipo.py - one DiPO update: the unbiased GRPO of DiRL for blockwise diffusion LMs.
 
 Reads  runs/<run>/policy/latest (step k) and its checkpoint
-       runs/<run>/rollouts/step_<k>.jsonl   written by rollout.py from step k (DESIGN.md record)
+       runs/<run>/rollouts/step_<k>.jsonl   written by rollout.py from step k (docs/design.md, "The rollout record")
        runs/<run>/dipo_state.pt             optimizer state and step of the previous update, if any
 Writes runs/<run>/policy/step_<k+1>/, one {"stage": "dipo", ...} line in metrics.jsonl, then
        dipo_state.pt, then policy/latest (each atomic, in that order, so a killed update is redone
@@ -12,7 +12,7 @@ Exit   0 = updated; 3 = nothing to learn from (every group had equal rewards): t
 Usage: python dipo.py --run runs/arith
        the loop: python rollout.py --run runs/arith && python dipo.py --run runs/arith
 
-The objective (DESIGN.md, "DiPO"; the DiPO recipe in PAPER.md). Per prompt group of G
+The objective (docs/design.md, "DiPO"). Per prompt group of G
 responses, A_i = (r_i - mean(r)) / (std(r) + 1e-6) (population std), 0 when all rewards are
 equal. The sampler committed each response token at a denoising step s of its block (step_map);
 round s is the state in which every token with step_map >= s is still masked. A token committed
@@ -26,7 +26,7 @@ sampler's weights; its gap to the recorded logprobs is the train-inference misma
 (every process reads the whole file), so micro-batches and processes do not change the
 gradient.
 
---estimator exact (beyond the paper; DESIGN.md, "What unbiased means here, exactly"). The
+--estimator exact (beyond the paper; docs/design.md, section "What unbiased means"). The
 loss above scores what the sampler kept, but a low_confidence step draws a token at every
 masked position and the rule then picks which to keep, so a trajectory's probability also
 holds, per step, the probability that the rule kept exactly that set. With q_j the sampling
@@ -73,7 +73,8 @@ import torch
 from tqdm import tqdm
 
 import attention
-from attention import flag
+import common
+from common import flag
 
 NOTHING_TO_LEARN = 3
 RECORD_KEYS = ("policy_step", "prompt_id", "prompt_ids", "response_ids", "step_map", "logprobs", "reward", "sampler")
@@ -81,7 +82,7 @@ RECORD_KEYS = ("policy_step", "prompt_id", "prompt_ids", "response_ids", "step_m
 
 @dataclass
 class Config:
-    run: str = flag("runs/arith", "run directory (DESIGN.md layout)")
+    run: str = flag("runs/arith", "run directory (layout: docs/design.md)")
     lr: float = flag(1e-4, "AdamW learning rate (constant)")
     weight_decay: float = flag(0.0, "AdamW weight decay")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)")
@@ -127,52 +128,43 @@ def group_advantages(rewards, groups):
     return adv
 
 
-def rounds_of(prompt_ids, response_ids, step_map, mask_id, block_size, rounds=None, all_masked=False):
-    """The packed sequence of one response: [clean copy ; one noisy copy per round that commits
-    a token] (or only `rounds`). Round s masks every response token with step_map >= s. Returns
-    (tokens, the make_layout doc spec (length, rounds, noisy_from), and per scored position
-    (column, token id, index in the response, round, block)). The scored positions are the
-    tokens each round commits, or with all_masked every masked position of every round (the
-    exact estimator's selection factor needs the distribution at the ones not kept too)."""
-    clean = list(prompt_ids) + list(response_ids)
-    length, prompt_len = len(clean), len(prompt_ids)
-    noisy_from = prompt_len // block_size * block_size
-    rounds = sorted(set(step_map)) if rounds is None else rounds
-    tokens, scored = list(clean), []
-    for s in rounds:
-        offset = len(tokens) - noisy_from  # column of position 0 in this copy
-        for pos in range(noisy_from, length):
-            hidden = pos >= prompt_len and step_map[pos - prompt_len] >= s
-            tokens.append(mask_id if hidden else clean[pos])
-            if hidden and (all_masked or step_map[pos - prompt_len] == s):
-                scored.append((offset + pos, clean[pos], pos - prompt_len, s, pos // block_size))
-    return tokens, (length, len(rounds), noisy_from), scored
+def scored_positions(record, noisy_from, rounds, first, block_size, all_masked=False):
+    """What round k of a record's replay scores: (column, token id, index in the response,
+    round, block) for every token the round commits, or with all_masked every position it
+    masks (the exact estimator's selection factor needs the distribution at the ones not
+    kept too). first: the record's first column in its packed row."""
+    clean = list(record["prompt_ids"]) + list(record["response_ids"])
+    prompt_len, step_map = len(record["prompt_ids"]), record["step_map"]
+    out = []
+    for k, s in enumerate(rounds):
+        for pos in range(max(noisy_from, prompt_len), len(clean)):
+            step = step_map[pos - prompt_len]
+            if step >= s and (all_masked or step == s):
+                col = attention.copy_column(first, len(clean), noisy_from, k, pos)
+                out.append((col, clean[pos], pos - prompt_len, s, pos // block_size))
+    return out
 
 
 def build_batch(records, mask_id, block_size, pad_id, row_len, rounds=None, all_masked=False):
-    """Pack responses into rows. Returns input_ids [B, N], the Layout, and per scored position:
-    row, column, token id, record index, index in the response, kept (committed in that round)
-    and unit (a number per (record, round, block): the positions of one sampler step)."""
-    built = [rounds_of(r["prompt_ids"], r["response_ids"], r["step_map"], mask_id, block_size, rounds, all_masked)
-             for r in records]
-    rows = attention.pack_rows([len(tokens) for tokens, _, _ in built], row_len)
-    ids, spec, out, units = [], [], defaultdict(list), {}
+    """Pack responses into rows of [clean ; one noisy copy per round] (attention.pack_copies).
+    Returns input_ids [B, N], the Layout, and per scored position: row, column, token id,
+    record index, index in the response, kept (committed in that round) and unit (a number per
+    (record, round, block): the positions of one sampler step)."""
+    replays = [attention.replay_copies(r["prompt_ids"], r["response_ids"], r["step_map"], mask_id, block_size, rounds)
+               for r in records]
+    documents = [(list(r["prompt_ids"]) + list(r["response_ids"]), noisy_from, copies)
+                 for r, (noisy_from, _, copies) in zip(records, replays)]
+    input_ids, layout, rows, first = attention.pack_copies(documents, block_size, pad_id, row_len)
+    out, units = defaultdict(list), {}
     for row_index, row in enumerate(rows):
-        row_ids, row_spec = [], []
         for i in row:
-            tokens, doc, scored = built[i]
-            for col, token, t, s, block in scored:
-                values = (row_index, len(row_ids) + col, token, i, t, records[i]["step_map"][t] == s,
-                          units.setdefault((i, s, block), len(units)))
+            noisy_from, record_rounds, _ = replays[i]
+            for col, token, t, s, block in scored_positions(records[i], noisy_from, record_rounds, first[i], block_size,
+                                                            all_masked):
+                values = (row_index, col, token, i, t, records[i]["step_map"][t] == s, units.setdefault((i, s, block), len(units)))
                 for key, v in zip(("row", "col", "token", "record", "index", "kept", "unit"), values):
                     out[key].append(v)
-            row_ids += tokens
-            row_spec.append(doc)
-        ids.append(row_ids)
-        spec.append(row_spec)
-    width = max(len(r) for r in ids)
-    input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in ids])  # [B, N]
-    return input_ids, attention.make_layout(spec, block_size), {k: torch.tensor(v) for k, v in out.items()}
+    return input_ids, layout, {k: torch.tensor(v) for k, v in out.items()}
 
 
 def forward_scores(model, batch, device, dtype, sampler=None):
@@ -233,14 +225,17 @@ def k3(logp_ref, logp):
     return torch.exp(log_r) - log_r - 1
 
 
-def dipo_token_loss(logp, logp_old, adv, clip_low, clip_high, logp_ref=None, beta=0.0):
-    """Per-token clipped surrogate (+ beta * k3 KL to the reference). Returns (loss [M], clipped [M])."""
+def dipo_token_loss(logp, logp_old, adv, clip_low, clip_high, logp_ref=None, beta=0.0, logp_policy=None):
+    """Per-token clipped surrogate of the ratio exp(logp - logp_old), plus beta * k3 KL of the
+    policy to the reference. logp_policy: log pi_theta where the KL is taken (default logp; the
+    exact estimator's ratios are of the sampling distribution, its KL still of pi_theta).
+    Returns (loss [M], clipped [M])."""
     ratio = torch.exp(logp - logp_old)
     clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
     surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)
     loss = -surrogate
     if beta:
-        loss = loss + beta * k3(logp_ref, logp)
+        loss = loss + beta * k3(logp_ref, logp if logp_policy is None else logp_policy)
     return loss, (ratio * adv) != surrogate
 
 
@@ -345,7 +340,7 @@ def exact_sampler(records):
 def save_torch_atomic(obj, path):
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    attention.write_atomic(path, buffer.getvalue())
+    common.write_atomic(path, buffer.getvalue())
 
 
 def main(cfg):
@@ -353,20 +348,20 @@ def main(cfg):
         torch.set_num_threads(cfg.threads)
     if cfg.estimator not in ("dipo", "exact"):
         raise ValueError(f"--estimator {cfg.estimator!r}: choose dipo or exact")
-    rank, world, device = attention.init_distributed(cfg.device)
+    rank, world, device = common.init_distributed(cfg.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     run, timing, t_start = Path(cfg.run), defaultdict(float), time.time()
-    step, policy = attention.latest_policy(run)
+    step, policy = common.latest_policy(run)
     state_path = run / "dipo_state.pt"
     state = torch.load(state_path, weights_only=True) if state_path.is_file() else None
-    if state and state["step"] == step + 1 and (attention.policy_dir(run, step + 1) / "config.json").is_file():
+    if state and state["step"] == step + 1 and (common.policy_dir(run, step + 1) / "config.json").is_file():
         if rank == 0:  # killed after saving the update but before moving latest: finish that
-            attention.publish_policy(run, step + 1)
+            common.publish_policy(run, step + 1)
             print(f"dipo: step {step + 1} was already written; policy/latest now names it")
         return 0
 
     if rank == 0:
-        attention.record_invocation(run, "dipo", cfg)
+        common.record_invocation(run, "dipo", cfg)
     t = time.time()
     model, tokenizer = attention.load_model(str(policy), dtype=torch.float32, device=device, attn=cfg.attn)
     c = model.config
@@ -383,10 +378,10 @@ def main(cfg):
            "groups": groups, "groups_with_signal": with_signal, "groups_kept": with_signal if cfg.dapo_filter else groups}
     if not any(adv[i] for i in kept):
         if rank == 0:
-            attention.save_checkpoint(model, tokenizer, attention.policy_dir(run, step + 1))
-            attention.append_metrics(run, {**log, "updated": False})
+            attention.save_checkpoint(model, tokenizer, common.policy_dir(run, step + 1))
+            common.append_metrics(run, {**log, "updated": False})
             save_torch_atomic({**(state or {}), "step": step + 1}, state_path)
-            attention.publish_policy(run, step + 1)
+            common.publish_policy(run, step + 1)
             print(f"dipo step {step + 1}: no group has a learning signal (all rewards equal within every group); "
                   f"policy carried over unchanged")
         return NOTHING_TO_LEARN
@@ -397,13 +392,13 @@ def main(cfg):
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
     if world > 1:
-        attention.shard_model(model, dtype)
+        common.shard_model(model, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     if state and "optimizer" in state:
-        attention.load_optimizer_state(model, optimizer, state["optimizer"])
+        common.load_optimizer_state(model, optimizer, state["optimizer"])
     ref = None
     if cfg.beta:
-        ref_dir = cfg.ref or attention.policy_dir(run, 0)
+        ref_dir = cfg.ref or common.policy_dir(run, 0)
         ref, _ = attention.load_model(str(ref_dir), dtype=torch.float32, device=device, attn=cfg.attn)
         ref.eval()
 
@@ -473,9 +468,8 @@ def main(cfg):
                     recorded = [records[chunk[k]]["logprobs"][i] for k, i in zip(scored["record"].tolist(), scored["index"].tolist())]
                     mismatch.append((logp_old.cpu() - torch.tensor(recorded)).abs())
                 owner = torch.tensor(chunk)[scored["record"]]  # [K] record index of every scored token
-                loss_t, clipped = dipo_token_loss(tokens, tokens_old, adv[owner].to(device), cfg.clip_low, cfg.clip_high)
-                if cfg.beta:
-                    loss_t = loss_t + cfg.beta * k3(ref_logp[m, j], logp)
+                loss_t, clipped = dipo_token_loss(tokens, tokens_old, adv[owner].to(device), cfg.clip_low, cfg.clip_high,
+                                                  ref_logp[m, j] if cfg.beta else None, cfg.beta, logp_policy=logp)
                 lengths = torch.tensor([len(records[i]["response_ids"]) for i in owner.tolist()])
                 w = token_weights(lengths, mb_tokens, len(minibatches[m]), cfg.loss_norm).to(device, torch.float32)
                 w = w if real else torch.zeros_like(w)
@@ -518,13 +512,14 @@ def main(cfg):
                             stats["clipped_steps"] += clipped_s.sum().item()
                             stats["selection_abs"] += selection.abs().sum().item()
                             stats["tokens_abs"] += tokens.abs().sum().item()
-            if diagnose:  # the token term's gradient is DiPO's (at temperature 1, no filtering)
+            if diagnose:  # the token term's gradient is DiPO's (at temperature 1, no filtering); summed, then averaged
                 from_tokens = grad_before - selection_grad
-                stats["grad_ratio"] = (selection_grad.norm() / from_tokens.norm().clamp(min=1e-30)).item()
-                stats["grad_cosine"] = torch.nn.functional.cosine_similarity(from_tokens, grad_before, dim=0).item()
+                stats["grad_ratio"] += (selection_grad.norm() / from_tokens.norm().clamp(min=1e-30)).item()
+                stats["grad_cosine"] += torch.nn.functional.cosine_similarity(from_tokens, grad_before, dim=0).item()
                 if len(micro) > 1:
-                    stats["noise_dipo"] = noise_to_signal(squares["dipo"], from_tokens, len(micro))
-                    stats["noise_exact"] = noise_to_signal(squares["exact"], grad_before, len(micro))
+                    stats["noise_dipo"] += noise_to_signal(squares["dipo"], from_tokens, len(micro))
+                    stats["noise_exact"] += noise_to_signal(squares["exact"], grad_before, len(micro))
+                    stats["noise_count"] += 1
             t = time.time()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -533,7 +528,7 @@ def main(cfg):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             timing["optimizer"] += time.time() - t
-            stats["grad_norm"] = grad_norm.item()
+            stats["grad_norm"] += grad_norm.item()  # the logged grad_norm is the mean over the step's optimizer steps
             bar.update(1)
     bar.close()
     mismatch = torch.cat(mismatch)
@@ -549,13 +544,14 @@ def main(cfg):
         stats["mismatch_max"] = worst.item()
 
     t = time.time()
-    model_sd, optim_sd = attention.full_state(model, optimizer)
+    model_sd, optim_sd = common.full_state(model, optimizer)
     if rank == 0:
-        attention.save_checkpoint(model, tokenizer, attention.policy_dir(run, step + 1), state_dict=model_sd)
+        attention.save_checkpoint(model, tokenizer, common.policy_dir(run, step + 1), state_dict=model_sd)
     timing["io"] += time.time() - t
     tokens = max(1.0, stats["tokens"])
     log.update({"updated": True, "loss": stats["loss"] / (cfg.ppo_epochs * len(minibatches)), "clip_frac": stats["clipped"] / tokens,
-                "approx_kl": stats["approx_kl"] / tokens, "entropy": stats["entropy"] / tokens, "grad_norm": stats["grad_norm"],
+                "approx_kl": stats["approx_kl"] / tokens, "entropy": stats["entropy"] / tokens,
+                "grad_norm": stats["grad_norm"] / (cfg.ppo_epochs * len(minibatches)),
                 "mismatch_mean": stats["mismatch_sum"] / stats["mismatch_count"], "mismatch_max": stats["mismatch_max"],
                 "tokens_per_s": tokens / max(1e-9, timing["forward"] + timing["backward"]),
                 "seconds": time.time() - t_start, **{f"time_{k}": v for k, v in timing.items()}})
@@ -563,12 +559,14 @@ def main(cfg):
         log.update({"estimator": "exact", "selection_to_token_logp": stats["selection_abs"] / max(1e-30, stats["tokens_abs"]),
                      "clip_frac_steps": stats["clipped_steps"] / max(1.0, stats["steps"])})
         if diagnose:
-            log.update(selection_to_token_grad=stats["grad_ratio"], grad_cosine_dipo_exact=stats["grad_cosine"],
-                       **{f"grad_noise_{k}": stats[f"noise_{k}"] for k in ("dipo", "exact") if f"noise_{k}" in stats})
+            updates = cfg.ppo_epochs * len(minibatches)  # means over the step's optimizer steps, like grad_norm
+            log.update(selection_to_token_grad=stats["grad_ratio"] / updates, grad_cosine_dipo_exact=stats["grad_cosine"] / updates,
+                       **{f"grad_noise_{k}": stats[f"noise_{k}"] / stats["noise_count"] for k in ("dipo", "exact")
+                          if stats["noise_count"]})
     if rank == 0:  # the metrics line before the commit point (the state file): a kill can repeat it, never lose it
-        attention.append_metrics(run, log)
+        common.append_metrics(run, log)
         save_torch_atomic({"step": step + 1, "optimizer": optim_sd, "config": dataclasses.asdict(cfg)}, state_path)
-        attention.publish_policy(run, step + 1)
+        common.publish_policy(run, step + 1)
         print(f"dipo step {step + 1} | reward {log['reward']:.3f} ± {log['reward_std']:.3f} | groups kept {log['groups_kept']}/{groups} | "
               f"loss {log['loss']:+.4f} | clip {log['clip_frac']:.3f} | kl {log['approx_kl']:.2e} | entropy {log['entropy']:.3f} | "
               f"grad norm {log['grad_norm']:.3f} | mismatch mean {log['mismatch_mean']:.1e} max {log['mismatch_max']:.1e} | "
@@ -585,6 +583,6 @@ def main(cfg):
 
 if __name__ == "__main__":
     try:
-        sys.exit(main(attention.parse_config(Config, description=__doc__)))
+        sys.exit(main(common.parse_config(Config, description=__doc__)))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

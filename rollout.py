@@ -5,7 +5,7 @@ Reads  runs/<run>/policy/latest (step k) and its checkpoint, or --policy DIR
        benchmark layouts eval.load_prompts accepts); default the built-in RL split
 Writes runs/<run>/rollouts/step_<k>.jsonl, or --out FILE; one line per sampled response:
        policy_step, prompt_id, question, ground_truth_answer, prompt_ids, response_ids,
-       step_map, logprobs, text, reward, finish, sampler (DESIGN.md, "Rollout record")
+       step_map, logprobs, text, reward, finish, sampler (docs/design.md, "The rollout record")
 
 Usage: python rollout.py --run runs/arith [--num-prompts 128 --group-size 8]
        torchrun --nproc-per-node N -- rollout.py --run runs/arith   (each process samples every N-th
@@ -15,7 +15,7 @@ Usage: python rollout.py --run runs/arith [--num-prompts 128 --group-size 8]
 An existing output file is kept, not overwritten (--force resamples), so rerunning a killed
 shell loop resumes it.
 
-The sampler (DESIGN.md, "The sampler"; "Rollout engine" in PAPER.md). Blocks sit at
+The sampler (docs/design.md, "The sampler"). Blocks sit at
 absolute positions from 0, as in training; a prompt that ends inside a block generates the
 rest of that block first. Each prompt's complete blocks are prefilled into a KV cache once.
 Then every denoising step runs only a row's current block against the cache, draws a token
@@ -23,10 +23,10 @@ at every masked position (temperature, top-k, top-p) and commits some of them:
   low_confidence_dynamic  the most confident token plus every token with confidence >= --threshold
   low_confidence_static   a fixed quota per step, the most confident first (--denoising-steps)
   sequential              the leftmost masked token (one per step)
-A complete block is written to the cache with one more forward of that row. Rows advance
-independently: a batch forward carries one block per live row, either a denoising step or
-a clean block being written, so no row waits for the slowest one (RowCache keeps a length
-per row). A sequence stops at the block holding eos or <|im_end|>, or at --max-new-tokens,
+Rows advance independently: every batch forward is a denoising step of every live row, and
+a row whose block is complete writes that clean block to the cache in the same forward as
+the first step of its next block, so no row waits for the slowest one (RowCache keeps a
+length per row). A sequence stops at the block holding eos or <|im_end|>, or at --max-new-tokens,
 and leaves the batch at once (for evaluation only, --ban-eos and --min-new-tokens follow
 DiRL's protocol: no <|endoftext|>, no stop token before N new tokens; dipo.py refuses such
 files). For every
@@ -65,8 +65,9 @@ from tqdm import tqdm
 from transformers.cache_utils import Cache
 
 import attention
+import common
 import eval as grader
-from attention import flag
+from common import flag
 
 STRATEGIES = ("low_confidence_dynamic", "low_confidence_static", "sequential")
 
@@ -231,15 +232,18 @@ def generate(model, prompts, generators, cfg, stop_ids):
     """Sample one response per prompt. prompts: lists of token ids; generators: one per prompt.
     Returns per prompt a dict: response_ids, step_map, logprobs, finish, forwards.
 
-    Every row moves through its own blocks: a forward carries one block per live row, either
-    a denoising step of its current block or, once the block is complete, that clean block
-    being written to the cache. So no row waits for the slowest one, and a row that finishes
-    leaves at once (without writing its last block)."""
+    Every row moves through its own blocks, and every forward is a denoising step of every
+    live row. A row whose block is complete writes that clean block to the cache in the same
+    forward as the first step of its next block: its chunk is [clean block ; next block],
+    the other rows' is [current block ; padding] (the padding's keys land past the row's
+    length, where nothing reads them). So no row waits for the slowest one, and a row that
+    finishes leaves at once (without writing its last block)."""
     b, mask_id, device = model.config.block_size, model.config.mask_token_id, model.device
+    pad_id = model.config.eos_token_id
     n = len(prompts)
     prompt_len = torch.tensor([len(p) for p in prompts], device=device)  # [N]
     clean = prompt_len // b * b  # [N] each prompt's complete blocks, prefilled once
-    cache = RowCache(model, n, capacity=int(prompt_len.max()) + cfg.max_new_tokens + 2 * b)
+    cache = RowCache(model, n, capacity=int(prompt_len.max()) + cfg.max_new_tokens + 3 * b)
     layer_types = set(model.config.layer_types)
 
     def forward(tokens, logits_to_keep=0):  # one chunk per row, at each row's own length
@@ -250,7 +254,7 @@ def generate(model, prompts, generators, cfg, stop_ids):
         return out.logits
 
     if int(clean.max()) > 0:  # prefill; a shorter prompt's padding columns are overwritten later
-        ids = torch.full((n, int(clean.max())), model.config.eos_token_id, dtype=torch.long)
+        ids = torch.full((n, int(clean.max())), pad_id, dtype=torch.long)
         for r, p in enumerate(prompts):
             ids[r, : len(p) // b * b] = torch.tensor(p[: len(p) // b * b])
         forward(ids.to(device), logits_to_keep=1)  # only the cache is wanted: no LM head over the prompts
@@ -265,38 +269,40 @@ def generate(model, prompts, generators, cfg, stop_ids):
     step = torch.zeros(n, dtype=torch.long, device=device)  # [R] denoising steps taken in the block
     step_map = torch.full_like(block, -1)
     logprobs = torch.zeros(block.shape, device=device)
-    writing = torch.zeros(n, dtype=torch.bool, device=device)  # [R] this forward writes the clean block
+    completed_block = block.clone()  # [R, b] a completed block waiting to be written (rows in `writing`)
+    writing = torch.zeros(n, dtype=torch.bool, device=device)  # [R] this forward also writes a clean block
     rows = torch.arange(n, device=device)  # [R] the prompt of each live row
     results = [dict(response_ids=[], step_map=[], logprobs=[], finish="length", forwards=0) for _ in prompts]
     while len(rows):
-        logits = forward(block)  # [R, b, V]
+        # one chunk per row: [clean block ; current block] for rows that write, else [current block (; padding)]
+        if writing.any():
+            padding = torch.full_like(block, pad_id)
+            chunk = torch.where(writing[:, None], torch.cat([completed_block, block], 1), torch.cat([block, padding], 1))
+        else:
+            chunk = block
+        logits = forward(chunk)  # [R, W, V]
+        offset = writing.long() * b  # [R] where the current block starts in the chunk
+        logits = logits.gather(1, (offset[:, None] + torch.arange(b, device=device))[..., None].expand(-1, -1, logits.shape[-1]))
+        cache.lengths += offset  # the written clean blocks are kept
 
-        # denoising rows draw a token at every position and commit some of them
-        denoising = ~writing
-        uniforms = torch.zeros(block.shape)  # drawn only for rows that denoise: no batch effects
-        for j in denoising.nonzero().flatten().tolist():
-            uniforms[j] = torch.rand(b, generator=generators[rows[j]])
+        # every row draws a token at every position of its block and commits some of them
+        uniforms = torch.stack([torch.rand(b, generator=generators[r]) for r in rows.tolist()])  # per sequence: no batch effects
         response_index = cache.lengths[:, None] + torch.arange(b, device=device)[None] - prompt_len[rows, None]
-        banned = banned_tokens(cfg, logits.shape[-1], model.config.eos_token_id, stop_ids, response_index)
+        banned = banned_tokens(cfg, logits.shape[-1], pad_id, stop_ids, response_index)
         tokens, confidence, logp = sample_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms.to(device), banned)
         quota = torch.tensor([static_quota(m, cfg.denoising_steps, s) for m, s in zip(to_commit.tolist(), step.tolist())],
                              device=device)
-        commit = choose_commits(confidence, masked, cfg.strategy, cfg.threshold, quota) & denoising[:, None]
+        commit = choose_commits(confidence, masked, cfg.strategy, cfg.threshold, quota)
         block = torch.where(commit, tokens, block)
         step_map = torch.where(commit, step[:, None], step_map)
         logprobs = torch.where(commit, logp, logprobs)
         masked &= ~commit
-        step += denoising.long()
-        for r in rows[denoising].tolist():
+        step += 1
+        for r in rows.tolist():
             results[r]["forwards"] += 1
 
-        # rows whose clean block this forward wrote keep it and start their next block
-        cache.lengths += writing.long() * b
-        block[writing], masked[writing], new[writing] = mask_id, True, True
-        to_commit[writing], step[writing], step_map[writing], logprobs[writing] = b, 0, -1, 0.0
-
-        # rows that completed their block record it; they stop, or write the block next
-        completed = denoising & ~masked.any(-1)
+        # rows that completed their block record it; they stop, or write it in the next forward
+        completed = ~masked.any(-1)
         writing = completed.clone()
         for j in completed.nonzero().flatten().tolist():
             result = results[rows[j]]
@@ -304,18 +310,19 @@ def generate(model, prompts, generators, cfg, stop_ids):
             result["response_ids"] += committed
             result["step_map"] += step_map[j][new[j]].tolist()
             result["logprobs"] += logprobs[j][new[j]].tolist()
-            if any(t in stop_ids for t in committed):
-                result["finish"] = "stop"
+            if any(t in stop_ids for t in committed) or len(result["response_ids"]) >= cfg.max_new_tokens:
+                result["finish"] = "stop" if any(t in stop_ids for t in committed) else "length"
                 writing[j] = False
-            elif len(result["response_ids"]) >= cfg.max_new_tokens:
-                writing[j] = False
+        completed_block = torch.where(writing[:, None], block, completed_block)
+        block[writing], masked[writing], new[writing] = mask_id, True, True  # the next block, all masked
+        to_commit[writing], step[writing], step_map[writing], logprobs[writing] = b, 0, -1, 0.0
         live = ~completed | writing
         if not live.all():  # finished rows leave the batch
             order = compaction_order(live.tolist())
             cache.keep(order)
             keep = torch.tensor(order, dtype=torch.long, device=device)
-            rows, block, masked, new, to_commit, step, step_map, logprobs, writing = (
-                t[keep] for t in (rows, block, masked, new, to_commit, step, step_map, logprobs, writing))
+            rows, block, masked, new, to_commit, step, step_map, logprobs, writing, completed_block = (
+                t[keep] for t in (rows, block, masked, new, to_commit, step, step_map, logprobs, writing, completed_block))
     return results
 
 
@@ -325,11 +332,11 @@ def stop_index(response_ids, stop_ids):
 
 
 def select_prompts(num_prompts, total, seed, step):
-    """Indices of the prompts for policy step `step`: the next num_prompts of attention's data
+    """Indices of the prompts for policy step `step`: the next num_prompts of common's data
     stream, a fresh seeded order every pass through the file (0 = all, in file order)."""
     if num_prompts <= 0:
         return list(range(total))
-    return [i for _, i in attention.data_stream(step, num_prompts, total, seed)]
+    return [i for _, i in common.data_stream(step, num_prompts, total, seed)]
 
 
 def sequence_seed(seed, step, prompt_id, sample):
@@ -368,7 +375,7 @@ def lmdeploy_settings(cfg, block_size, eos_id=None):
 def record_from_engine(prompt_len, token_ids, step_map, logprobs, finish_reason, block_size):
     """One LMDeploy response as our record's fields: (response_ids, step_map, logprobs, finish).
     The patched engine's step_map is one counter per sequence that grows on every iteration
-    that unmasks something, across blocks (PAPER.md, "Rollout engine"); ours counts from 0
+    that unmasks something, across blocks (DiRL's patched LMDeploy 0.10.1); ours counts from 0
     inside each block. Every step commits at least one token, so a block's counters are
     consecutive and subtracting the block's first one converts them; anything else is
     refused rather than guessed. logprobs: LMDeploy's per-token {token id: logprob} dicts
@@ -441,19 +448,30 @@ def engine_view(policy, view):
 
 
 def rescore(model, records, micro_batch_size):
-    """Our model's logprob (float32) of every response token in the state its step_map implies
-    (the packed forward dipo.py trains with). Returns one list per record."""
-    import dipo  # the trainer's own scoring, so that the comparison is with what DiPO uses
-
+    """Our model's logprob (float32, temperature 1, unfiltered) of every response token in the
+    state its step_map implies: the packed rows dipo.py trains with (attention.replay_copies,
+    attention.pack_copies), one forward per micro-batch. Returns one list per record."""
     scores = [[0.0] * len(r["response_ids"]) for r in records]
     c = model.config
     for start in range(0, len(records), micro_batch_size):
         chunk = records[start:start + micro_batch_size]
-        batch = dipo.build_batch(chunk, c.mask_token_id, c.block_size, c.eos_token_id, row_len=0)  # as dipo.py packs
+        documents, where = [], []  # where: (document, round, position) of every committed token
+        for d, r in enumerate(chunk):
+            noisy_from, rounds, copies = attention.replay_copies(r["prompt_ids"], r["response_ids"], r["step_map"],
+                                                                 c.mask_token_id, c.block_size)
+            documents.append((list(r["prompt_ids"]) + list(r["response_ids"]), noisy_from, copies))
+            where += [(d, rounds.index(s), len(r["prompt_ids"]) + t) for t, s in enumerate(r["step_map"])]
+        input_ids, layout, rows, first = attention.pack_copies(documents, c.block_size, c.eos_token_id, row_len=0)
+        row_of = {d: k for k, row in enumerate(rows) for d in row}
+        at_rows = torch.tensor([row_of[d] for d, _, _ in where])
+        at_cols = torch.tensor([attention.copy_column(first[d], len(documents[d][0]), documents[d][1], k, pos)
+                                for d, k, pos in where])
+        tokens = torch.tensor([documents[d][0][pos] for d, _, pos in where])
         with torch.no_grad():
-            logp = dipo.token_logprobs(model, batch, model.device, torch.float32).tolist()
-        for r, i, v in zip(batch[2]["record"].tolist(), batch[2]["index"].tolist(), logp):
-            scores[start + r][i] = v
+            logits = attention.forward_layout(model, input_ids.to(model.device), layout, at=(at_rows, at_cols)).float()
+            logp = torch.log_softmax(logits, -1).gather(-1, tokens.to(model.device)[:, None])[:, 0].tolist()
+        for (d, _, pos), v in zip(where, logp):
+            scores[start + d][pos - len(chunk[d]["prompt_ids"])] = v
     return scores
 
 
@@ -498,7 +516,7 @@ def output_path(cfg):
         name = Path(cfg.policy).name
         step = int(name[len("step_"):]) if name.startswith("step_") and name[len("step_"):].isdigit() else 0
         return step, Path(cfg.policy), Path(cfg.out)
-    step, policy = attention.latest_policy(cfg.run)
+    step, policy = common.latest_policy(cfg.run)
     return step, policy, Path(cfg.out) if cfg.out else Path(cfg.run) / "rollouts" / f"step_{step:06d}.jsonl"
 
 
@@ -515,11 +533,11 @@ def main(cfg):
     if out.exists() and not cfg.force:  # written atomically, so it is whole: a rerun loop moves on
         print(f"rollout: {out} already exists (policy step {step} was sampled); keeping it (--force resamples)")
         return
-    rank, world, device = attention.init_distributed(cfg.device)  # under torchrun each process samples a share
+    rank, world, device = common.init_distributed(cfg.device)  # under torchrun each process samples a share
     if cfg.engine == "lmdeploy" and world > 1:
         raise ValueError("--engine lmdeploy runs in one process (LMDeploy shards the model itself: --tp); drop torchrun")
     if not cfg.policy and rank == 0:
-        attention.record_invocation(cfg.run, "rollout", cfg)
+        common.record_invocation(cfg.run, "rollout", cfg)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     if cfg.engine == "lmdeploy":  # our model waits on the CPU until the engine is done, then re-scores in float32
         model, tokenizer = attention.load_model(str(policy), dtype=torch.float32, device="cpu", attn="sdpa")
@@ -574,7 +592,7 @@ def main(cfg):
     engine_check = check_engine_logprobs(model.to(device), records, cfg.rescore) if cfg.engine == "lmdeploy" else {}
     if world > 1:  # every process writes its share; process 0 interleaves them back into job order
         part = out.with_name(f"{out.name}.rank{rank}.part")
-        attention.write_atomic(part, "".join(json.dumps(r) + "\n" for r in records))
+        common.write_atomic(part, "".join(json.dumps(r) + "\n" for r in records))
         torch.distributed.barrier()
         if rank == 0:
             parts = [[json.loads(line) for line in out.with_name(f"{out.name}.rank{r}.part").read_text().splitlines()]
@@ -594,8 +612,8 @@ def main(cfg):
                "truncated": sum(r["finish"] == "length" for r in records) / n, "seconds": seconds,
                "tokens_per_s": new_tokens / seconds, **engine_check}
     if not cfg.policy:  # before the file, the commit point: a kill in between repeats the line, never loses it
-        attention.append_metrics(cfg.run, summary)
-    attention.write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
+        common.append_metrics(cfg.run, summary)
+    common.write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
     print(f"rollout step {step}: {len(records)} responses to {len(chosen)} prompts -> {out} | reward {summary['reward']:.3f} | "
           f"{summary['response_tokens']:.1f} tokens/response | {summary['tokens_per_forward']:.2f} tokens/forward | "
           f"truncated {summary['truncated']:.1%} | {seconds:.1f} s")
@@ -608,6 +626,6 @@ def main(cfg):
 
 if __name__ == "__main__":
     try:
-        main(attention.parse_config(Config, description=__doc__))
+        main(common.parse_config(Config, description=__doc__))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

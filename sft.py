@@ -14,7 +14,7 @@ Usage: python sft.py [--model tiny] [--data data/arith_sft.jsonl] [--run runs/ar
        torchrun --nproc-per-node N -- sft.py ...  (FSDP2; gloo on CPU, nccl on CUDA; the "--" stops
                                                    torchrun from reading --run as its own --run-path)
 
-The loss (DESIGN.md, "The SFT loss"; the SFT recipe in PAPER.md). A document is prompt +
+The loss (docs/design.md, "The SFT loss"). A document is prompt +
 response + "<|im_end|>\\n", padded with eos to a multiple of the block size b (the padding is
 trained on: it is how the model learns to stop). Per document draw t ~ U(0, 1),
 p = (1 - eps) t + eps, and mask each response token with probability p (never a prompt
@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import attention
-from attention import flag
+import common
+from common import flag
 
 RUN_FIELDS = {"resume", "save_every", "log_every", "threads", "grad_checkpointing", "row_len", "grad_accum", "attn", "device"}
 
@@ -55,7 +56,7 @@ RUN_FIELDS = {"resume", "save_every", "log_every", "threads", "grad_checkpointin
 class Config:
     model: str = flag("tiny", "'tiny' or a model dir (SDAR checkpoint or one of ours)")
     data: str = flag("data/arith_sft.jsonl", "SFT data: JSON list or JSONL of {messages} or {prompt, response}")
-    run: str = flag("runs/arith", "run directory (created); see DESIGN.md for its layout")
+    run: str = flag("runs/arith", "run directory (created); its layout: docs/design.md")
     steps: int = flag(2000, "optimizer steps (about 8 minutes on 2 CPU cores with the defaults)")
     epochs: float = flag(0.0, "if > 0, train this many passes over the data instead of --steps")
     batch_size: int = flag(32, "documents per optimizer step, summed over processes and micro-batches")
@@ -107,37 +108,27 @@ def diffusion_loss(logits, targets, weights):
 
 def build_micro_batch(docs, noises, block_size, mask_id, pad_id, row_len, docs_in_batch):
     """docs: (prompt_ids, response_ids) with len(prompt + response) a multiple of block_size;
-    noises: (p, masked) per doc. Rows of [clean copy ; noisy copy] per document, the noisy copy
-    starting at the block that holds the first response token. Returns input_ids [B, N],
-    the Layout, and per loss token (masked response token): row, column, target, weight."""
-    sizes, starts = [], []
-    for prompt, response in docs:
-        noisy_from = len(prompt) // block_size * block_size
-        starts.append(noisy_from)
-        sizes.append(2 * (len(prompt) + len(response)) - noisy_from)
-    rows = attention.pack_rows(sizes, row_len)
-    ids, spec, loss_rows, loss_cols, targets, weights = [], [], [], [], [], []
+    noises: (p, masked) per doc. Rows of [clean copy ; noisy copy] per document
+    (attention.pack_copies), the noisy copy starting at the block that holds the first response
+    token. Returns input_ids [B, N], the Layout, and per loss token (masked response token):
+    row, column, target, weight."""
+    documents = []
+    for (prompt, response), (_, masked) in zip(docs, noises):
+        clean, noisy_from = prompt + response, len(prompt) // block_size * block_size
+        noisy = [mask_id if masked[i] else clean[i] for i in range(noisy_from, len(clean))]
+        documents.append((clean, noisy_from, [noisy]))
+    input_ids, layout, rows, first = attention.pack_copies(documents, block_size, pad_id, row_len)
+    loss_rows, loss_cols, targets, weights = [], [], [], []
     for r, row in enumerate(rows):
-        row_ids, row_spec = [], []
         for d in row:
-            clean = docs[d][0] + docs[d][1]
+            clean, noisy_from, _ = documents[d]
             p, masked = noises[d]
-            noisy_from = starts[d]
-            offset = len(row_ids) + len(clean) - noisy_from  # column of position 0 of the noisy copy
-            noisy = [mask_id if masked[i] else clean[i] for i in range(noisy_from, len(clean))]
-            row_ids += clean + noisy
-            row_spec.append((len(clean), 1, noisy_from))
             weight = 1.0 / (p * len(docs[d][1]) * docs_in_batch)
             for i in masked.nonzero().flatten().tolist():
                 loss_rows.append(r)
-                loss_cols.append(offset + i)
+                loss_cols.append(attention.copy_column(first[d], len(clean), noisy_from, 0, i))
                 targets.append(clean[i])
                 weights.append(weight)
-        ids.append(row_ids)
-        spec.append(row_spec)
-    width = max(len(row) for row in ids)
-    input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in ids])  # [B, N]
-    layout = attention.make_layout(spec, block_size)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return input_ids, layout, as_long(loss_rows), as_long(loss_cols), as_long(targets), torch.tensor(weights)
 
@@ -253,7 +244,7 @@ def held_out_loss(model, docs, cfg, device, dtype):
 def main(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rank, world, device = attention.init_distributed(cfg.device)
+    rank, world, device = common.init_distributed(cfg.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     run = Path(cfg.run)
     save_dir = run / "sft"
@@ -290,17 +281,17 @@ def main(cfg):
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
     if world > 1:
-        attention.shard_model(model, dtype)
+        common.shard_model(model, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
     start = 0
     if trainer_state:
-        attention.load_optimizer_state(model, optimizer, trainer_state["optimizer"])
+        common.load_optimizer_state(model, optimizer, trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
         start = trainer_state["step"]
     if rank == 0:
-        attention.record_invocation(run, "sft", cfg)
+        common.record_invocation(run, "sft", cfg)
         params = sum(p.numel() for p in model.parameters())
         print(f"sft: {cfg.model} ({params / 1e6:.2f}M params, block {block_size}) on {world} x {device}; "
               f"{len(train)} train / {len(held_out)} held-out docs from {cfg.data}; "
@@ -308,7 +299,7 @@ def main(cfg):
               f"steps {start} -> {total_steps}")
 
     def save(step):
-        model_sd, optim_sd = attention.full_state(model, optimizer)  # a collective: every process
+        model_sd, optim_sd = common.full_state(model, optimizer)  # a collective: every process
         if rank == 0:
             state = {"step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "config": dataclasses.asdict(cfg)}
             attention.save_checkpoint(model, tokenizer, save_dir, state_dict=model_sd, trainer_state=state)
@@ -317,7 +308,7 @@ def main(cfg):
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="sft", disable=rank != 0)
     t0, tokens_since = time.time(), 0
     for step in bar:
-        mine = attention.data_stream(step, cfg.batch_size, len(train), cfg.seed)[rank::world]
+        mine = common.data_stream(step, cfg.batch_size, len(train), cfg.seed)[rank::world]
         per_micro = len(mine) // cfg.grad_accum
         stats = torch.zeros(4)  # loss, hits, masked tokens, row tokens
         for m in range(cfg.grad_accum):
@@ -344,7 +335,7 @@ def main(cfg):
                       "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since / elapsed}
             tokens_since = 0
             if rank == 0:
-                attention.append_metrics(run, record)
+                common.append_metrics(run, record)
                 bar.write(f"step {done:>5}/{total_steps} | loss {record['loss']:.4f} | acc {record['acc']:.3f} | "
                           f"lr {lr:.2e} | grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s")
         if done % cfg.save_every == 0 and done < total_steps:
@@ -355,13 +346,13 @@ def main(cfg):
     if held_out:
         loss, acc = held_out_loss(model, held_out, cfg, device, dtype)
         if rank == 0:
-            attention.append_metrics(run, {"stage": "sft", "step": total_steps, "held_out_loss": loss, "held_out_acc": acc})
+            common.append_metrics(run, {"stage": "sft", "step": total_steps, "held_out_loss": loss, "held_out_acc": acc})
             print(f"held-out ({len(held_out)} docs): diffusion loss {loss:.4f}, masked-token accuracy {acc:.3f}")
     if rank == 0:
-        attention.save_checkpoint(model, tokenizer, attention.policy_dir(run, 0), state_dict=model_sd)
-        attention.publish_policy(run, 0)
-        print(f"wrote {attention.policy_dir(run, 0)}; exact-match accuracy on the test split:\n"
-              f"  python rollout.py --policy {attention.policy_dir(run, 0)} --data data/arith_test.jsonl "
+        attention.save_checkpoint(model, tokenizer, common.policy_dir(run, 0), state_dict=model_sd)
+        common.publish_policy(run, 0)
+        print(f"wrote {common.policy_dir(run, 0)}; exact-match accuracy on the test split:\n"
+              f"  python rollout.py --policy {common.policy_dir(run, 0)} --data data/arith_test.jsonl "
               f"--num-prompts 0 --group-size 1 --out {run}/eval/sft.jsonl && python eval.py {run}/eval/sft.jsonl")
     if world > 1:
         torch.distributed.barrier()  # rank 0 is still writing; leaving early aborts the group
@@ -370,6 +361,6 @@ def main(cfg):
 
 if __name__ == "__main__":
     try:
-        main(attention.parse_config(Config, description=__doc__))
+        main(common.parse_config(Config, description=__doc__))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

@@ -8,10 +8,11 @@
 2. With --policy (a trained checkpoint, e.g. runs/arith/policy/step_000000): the rollout
    setting, --prompts test prompts in batches of --batch-size with --max-new-tokens, for
    low_confidence_dynamic at --threshold, sequential and low_confidence_static with 2 steps:
-   tokens/s, batch forwards per block (block forwards over the mean number of response
-   blocks per row) and tokens committed per row-forward (a row-forward is one row of one
-   block forward: a denoising step or a clean block written to the cache). Run it alone on
-   the machine: a timing beside other work is not a measurement.
+   tokens/s, batch forwards per block (a batch's block forwards over the response blocks of
+   its longest row: what a block costs the batch in forwards) and tokens committed per
+   row-forward (a row-forward is one row of one denoising forward; it may also write the
+   row's previous block to the cache). Run it alone on the machine: a timing beside other
+   work is not a measurement.
 
 Usage:  python benchmarks/sampler.py [--new-tokens 256] [--sequences 16] [--threads 1]
                                      [--policy DIR --prompts 256 --batch-size 64 --max-new-tokens 128]
@@ -102,9 +103,10 @@ def policy_speed(args, questions):
     stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)}
     prompts = [tokenizer(attention.render_prompt(q, model.config.instruction), add_special_tokens=False)["input_ids"]
                for q in questions[:args.prompts]]
-    calls = []  # rows of every forward of one block per row (the prefill is wider)
+    calls = []  # rows of every denoising forward (one or two blocks per row; the prefill is left out)
     model.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].shape[0])
-                                if kw["input_ids"].shape[1] == b else None, with_kwargs=True)
+                                if kw["input_ids"].shape[1] <= 2 * b and kw.get("logits_to_keep") != 1 else None,
+                                with_kwargs=True)
     print(f"{args.policy}: {len(prompts)} test prompts in batches of {args.batch_size}, {args.max_new_tokens} new tokens, "
           f"temperature 1, {args.threads} thread(s)")
     settings = [("low_confidence_dynamic", f"dynamic {args.threshold}", {}), ("sequential", "sequential", {}),
@@ -113,17 +115,17 @@ def policy_speed(args, questions):
     for strategy, name, extra in settings:
         cfg = rollout.Config(strategy=strategy, threshold=args.threshold, max_new_tokens=args.max_new_tokens, **extra)
         calls.clear()
-        tokens = blocks = 0
+        tokens = longest = 0
         start = time.perf_counter()
         for first in range(0, len(prompts), args.batch_size):
             batch = prompts[first:first + args.batch_size]
             gens = [torch.Generator().manual_seed(first + i) for i in range(len(batch))]
-            for p, r in zip(batch, rollout.generate(model, batch, gens, cfg, stop_ids)):
-                tokens += len(r["response_ids"])
-                blocks += (len(p) + len(r["response_ids"]) - 1) // b - (len(p) - 1) // b + (len(p) % b == 0)
+            results = rollout.generate(model, batch, gens, cfg, stop_ids)
+            tokens += sum(len(r["response_ids"]) for r in results)
+            longest += max(-(-(len(p) + len(r["response_ids"])) // b) - len(p) // b for p, r in zip(batch, results))
         seconds = time.perf_counter() - start
         speed[name] = tokens / seconds
-        per_block = len(calls) / (blocks / len(prompts))
+        per_block = len(calls) / longest
         print(f"  {name:<16} {speed[name]:8,.0f} tokens/s | {per_block:5.2f} batch forwards per block | "
               f"{tokens / sum(calls):.2f} tokens per row-forward | {tokens / len(prompts):.1f} tokens per response")
     dynamic = speed[f"dynamic {args.threshold}"]

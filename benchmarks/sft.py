@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import attention  # noqa: E402
+import common  # noqa: E402
 import sft  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def main():
     model_flops = attn_flops = tokens = 0
     elapsed = 0.0
     for step in range(args.steps + 3):  # 3 warm-up steps
-        mine = attention.data_stream(step, cfg.batch_size, len(docs), cfg.seed)
+        mine = common.data_stream(step, cfg.batch_size, len(docs), cfg.seed)
         batch, positions = [docs[d] for _, d in mine], [i for i, _ in mine]
         t = time.perf_counter()
         noises = [sft.noise_document(len(p), len(p) + len(r), cfg.eps, torch.Generator().manual_seed(i))

@@ -12,6 +12,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from transformers import AutoModelForCausalLM
 
 import attention
+import common
 from conftest import ROOT
 
 
@@ -161,10 +162,11 @@ def test_fsdp_gathers_weights_in_the_compute_dtype(tmp_path):
 import sys, torch
 sys.path.insert(0, {str(ROOT)!r})
 import attention
+import common
 torch.distributed.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
 for dtype in (torch.float32, torch.bfloat16):
     model, _ = attention.load_model("tiny", seed=1)
-    attention.shard_model(model, dtype)
+    common.shard_model(model, dtype)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.dtype == dtype, dtype
 torch.distributed.destroy_process_group()
@@ -237,9 +239,9 @@ def test_pack_rows_fills_rows_and_keeps_big_items_alone():
 
 
 def test_data_stream_visits_every_item_once_per_pass():
-    seen = [d for s in range(5) for _, d in attention.data_stream(s, 4, 20, seed=3)]
+    seen = [d for s in range(5) for _, d in common.data_stream(s, 4, 20, seed=3)]
     assert sorted(seen) == list(range(20))
-    assert [i for i, _ in attention.data_stream(2, 4, 20, seed=3)] == [8, 9, 10, 11]
+    assert [i for i, _ in common.data_stream(2, 4, 20, seed=3)] == [8, 9, 10, 11]
 
 
 def write_sdar_dir(model, tokenizer, path, with_block_keys):
@@ -313,8 +315,8 @@ def test_tiny_init_is_seeded_and_leaves_global_rng_alone():
 def test_parse_config_precedence(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"seed": 5, "attn": "eager"}))
-    cfg = attention.parse_config(attention.Config, ["--config", str(path), "--seed", "9"])
+    cfg = common.parse_config(attention.Config, ["--config", str(path), "--seed", "9"])
     assert (cfg.seed, cfg.attn, cfg.model) == (9, "eager", "tiny")
     path.write_text(json.dumps({"sede": 5}))
     with pytest.raises(SystemExit):
-        attention.parse_config(attention.Config, ["--config", str(path)])
+        common.parse_config(attention.Config, ["--config", str(path)])

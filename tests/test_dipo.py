@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import attention
+import common
 import dipo
 import rollout
 
@@ -82,11 +83,17 @@ def test_packed_forward_equals_one_forward_per_round():
 
 
 def test_rounds_skip_rounds_that_commit_nothing_and_prompt_only_blocks():
-    tokens, spec, scored = dipo.rounds_of([10, 11, 12, 13, 14], [20, 21, 22], [2, 0, 2], MASK, 4)
-    assert spec == (8, 2, 4)  # rounds 0 and 2 only; noisy copies start at position 4
-    assert tokens == [10, 11, 12, 13, 14, 20, 21, 22] + [14, MASK, MASK, MASK] + [14, MASK, 21, MASK]
+    record = {"prompt_ids": [10, 11, 12, 13, 14], "response_ids": [20, 21, 22], "step_map": [2, 0, 2]}
+    noisy_from, rounds, copies = attention.replay_copies(record["prompt_ids"], record["response_ids"], record["step_map"],
+                                                         MASK, 4)
+    assert (noisy_from, rounds) == (4, [0, 2])  # rounds 0 and 2 only; noisy copies start at position 4
+    assert copies == [[14, MASK, MASK, MASK], [14, MASK, 21, MASK]]
+    ids, layout, rows, first = attention.pack_copies([([10, 11, 12, 13, 14, 20, 21, 22], noisy_from, copies)], 4, 0, 100)
+    assert ids[0].tolist() == [10, 11, 12, 13, 14, 20, 21, 22] + [14, MASK, MASK, MASK] + [14, MASK, 21, MASK]
+    assert (rows, first) == ([[0]], [0])
+    scored = dipo.scored_positions(record, noisy_from, rounds, 0, 4)
     assert scored == [(10, 21, 1, 0, 1), (13, 20, 0, 2, 1), (15, 22, 2, 2, 1)]  # (column, token, index, round, block)
-    _, _, every = dipo.rounds_of([10, 11, 12, 13, 14], [20, 21, 22], [2, 0, 2], MASK, 4, all_masked=True)
+    every = dipo.scored_positions(record, noisy_from, rounds, 0, 4, all_masked=True)
     assert [(col, s) for col, _, _, s, _ in every] == [(9, 0), (10, 0), (11, 0), (13, 2), (15, 2)]
 
 
@@ -216,8 +223,8 @@ def make_run(path, seed=0):
     """A run at policy step 0 (the tiny model) with rollouts whose rewards alternate inside each
     group (a random model never answers right; dipo trusts the reward field)."""
     model, tokenizer = attention.load_model("tiny", seed=seed)
-    attention.save_checkpoint(model, tokenizer, attention.policy_dir(path, 0))
-    attention.publish_policy(path, 0)
+    attention.save_checkpoint(model, tokenizer, common.policy_dir(path, 0))
+    common.publish_policy(path, 0)
     sample(path, 0)
     return path
 
@@ -243,18 +250,18 @@ def test_update_at_the_sampling_weights_has_no_mismatch_and_ratio_one(tmp_path):
     assert m["updated"] and m["step"] == 1
     assert m["mismatch_max"] < 1e-4
     assert m["approx_kl"] == 0.0 and m["clip_frac"] == 0.0  # one on-policy step: every ratio is exactly 1
-    assert attention.latest_policy(run)[0] == 1
+    assert common.latest_policy(run)[0] == 1
     assert torch.load(run / "dipo_state.pt", weights_only=True)["step"] == 1
     again = run_dipo(run)  # the same k again: its rollouts are gone with the step, so it says so
     assert again.returncode != 0 and "no rollouts for policy step 1" in again.stderr
     sample(run, 1)  # two minibatches: the second one's logp_old comes from a pass before any step
-    assert run_dipo(run, "--minibatches", 2, "--ppo-epochs", 2).returncode == 0 and attention.latest_policy(run)[0] == 2
+    assert run_dipo(run, "--minibatches", 2, "--ppo-epochs", 2).returncode == 0 and common.latest_policy(run)[0] == 2
     m = metrics(run)[-1]
     assert m["mismatch_max"] < 1e-4 and m["approx_kl"] > 0.0
     sample(run, 2)  # more minibatches than responses: one response each, none left empty
     out = run_dipo(run, "--minibatches", 40)
     assert out.returncode == 0, out.stderr
-    assert attention.latest_policy(run)[0] == 3 and metrics(run)[-1]["mismatch_max"] < 1e-4
+    assert common.latest_policy(run)[0] == 3 and metrics(run)[-1]["mismatch_max"] < 1e-4
 
 
 def update_copies(tmp_path, variants, two_processes=()):
@@ -294,6 +301,32 @@ def test_gradient_is_the_same_for_any_micro_batch_and_two_processes(tmp_path):
         torch.testing.assert_close(w["two"][name], w["mb16"][name], atol=1e-5, rtol=0)
 
 
+def test_kl_goes_through_the_loss_function_and_grad_norm_is_the_mean_over_minibatches(tmp_path, monkeypatch):
+    """--beta 0.1 end to end: the KL term reaches dipo_token_loss (the one loss function) with
+    the reference policy's logprobs and the policy's; the logged grad_norm is the mean of the
+    step's optimizer steps (2 minibatches here), not the last one."""
+    run = make_run(tmp_path / "r")
+    calls, norms = [], []
+    loss_function, clip = dipo.dipo_token_loss, torch.nn.utils.clip_grad_norm_
+
+    def recording_loss(*args, **kwargs):
+        calls.append((args, kwargs))
+        return loss_function(*args, **kwargs)
+
+    def recording_clip(*args, **kwargs):
+        norms.append(clip(*args, **kwargs).item())
+        return torch.tensor(norms[-1])
+
+    monkeypatch.setattr(dipo, "dipo_token_loss", recording_loss)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    assert dipo.main(dipo.Config(run=str(run), beta=0.1, minibatches=2, threads=1)) == 0
+    assert calls and all(args[6] == 0.1 and args[5] is not None and kwargs["logp_policy"] is not None for args, kwargs in calls)
+    ref, new = calls[0][0][5], calls[0][1]["logp_policy"]
+    torch.testing.assert_close(ref, new.detach(), atol=1e-5, rtol=0)  # the first minibatch runs at the reference weights
+    assert len(norms) == 2 and norms[0] != pytest.approx(norms[1], rel=1e-3)
+    assert metrics(run)[-1]["grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-9)
+
+
 def test_stale_and_mismatched_rollouts_are_refused(tmp_path):
     run = make_run(tmp_path / "r")
     path = run / "rollouts" / "step_000000.jsonl"
@@ -311,7 +344,7 @@ def test_stale_and_mismatched_rollouts_are_refused(tmp_path):
     path.write_text(good[: len(good) // 2])
     out = run_dipo(run)
     assert out.returncode == 1 and "not JSON" in out.stderr
-    assert not attention.policy_dir(run, 1).exists() and attention.latest_policy(run)[0] == 0
+    assert not common.policy_dir(run, 1).exists() and common.latest_policy(run)[0] == 0
 
 
 def test_all_equal_rewards_carry_the_policy_over_with_exit_code_3(tmp_path):
@@ -321,9 +354,9 @@ def test_all_equal_rewards_carry_the_policy_over_with_exit_code_3(tmp_path):
     path.write_text("".join(json.dumps({**r, "reward": 1.0}) + "\n" for r in records))
     out = run_dipo(run, "--dapo-filter")
     assert out.returncode == dipo.NOTHING_TO_LEARN and "no group has a learning signal" in out.stdout
-    assert attention.latest_policy(run)[0] == 1 and metrics(run)[-1]["updated"] is False
-    a = load_file(attention.policy_dir(run, 0) / "model.safetensors")
-    b = load_file(attention.policy_dir(run, 1) / "model.safetensors")
+    assert common.latest_policy(run)[0] == 1 and metrics(run)[-1]["updated"] is False
+    a = load_file(common.policy_dir(run, 0) / "model.safetensors")
+    b = load_file(common.policy_dir(run, 1) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -336,17 +369,17 @@ def test_killed_update_is_redone_or_completed(tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "dipo.py"), "--run", str(run), "--threads", "1"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not attention.policy_dir(run, 1).exists() and proc.poll() is None and time.time() < deadline:
+    while not common.policy_dir(run, 1).exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     out = run_dipo(run)
     assert out.returncode == 0, out.stderr
-    assert attention.latest_policy(run)[0] == 1
-    a = load_file(attention.policy_dir(run, 1) / "model.safetensors")
-    b = load_file(attention.policy_dir(reference, 1) / "model.safetensors")
+    assert common.latest_policy(run)[0] == 1
+    a = load_file(common.policy_dir(run, 1) / "model.safetensors")
+    b = load_file(common.policy_dir(reference, 1) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a state file that says the update finished but latest not moved: completed, not redone
     (run / "policy" / "latest").write_text("step_000000\n")
     out = run_dipo(run)
-    assert out.returncode == 0 and "already written" in out.stdout and attention.latest_policy(run)[0] == 1
+    assert out.returncode == 0 and "already written" in out.stdout and common.latest_policy(run)[0] == 1

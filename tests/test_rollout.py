@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, assert_same_records
 
 import attention
+import common
 import rollout
 
 PROMPT_LENGTHS = [5, 8, 11, 3, 14]  # mixed, including whole blocks (8) and a prompt shorter than a block (3)
@@ -130,15 +131,16 @@ def test_batch_of_one_equals_batch_of_64(stopping_model):
 
 
 def test_every_forward_row_has_work(stopping_model):
-    """Rows advance independently: a forward carries each live row once, for a denoising step
-    of its block or for writing its completed block, and a row that stops leaves at once. So
-    the rows over all forwards are the prefill plus, per row and block, its steps, plus one
-    write for every block but its last."""
+    """Rows advance independently: every forward is a denoising step of every live row; a row
+    whose block is complete writes it in the same forward as the first step of its next block
+    (a chunk of two blocks), and a row that stops leaves at once. So the rows over all forwards
+    are the prefill plus, per row and block, its denoising steps."""
     model, tokenizer = stopping_model
     cfg, stop_ids = sampler_cfg(max_new_tokens=40), {tokenizer.eos_token_id}
     prompts = prompts_of(PROMPT_LENGTHS)
-    rows = []
-    hook = model.register_forward_hook(lambda m, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    shapes = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                       with_kwargs=True)
     try:
         results = rollout.generate(model, prompts, generators(len(prompts)), cfg, stop_ids)
     finally:
@@ -151,8 +153,10 @@ def test_every_forward_row_has_work(stopping_model):
         cuts = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
         steps = [max(r["step_map"][cuts[k]:cuts[k + 1]]) + 1 for k in range(len(sizes))]
         assert sum(steps) == r["forwards"]
-        expected += sum(steps) + len(steps) - 1
+        expected += sum(steps)
+    rows = [rows for rows, _ in shapes]
     assert sum(rows) == expected
+    assert {width for _, width in shapes[1:]} == {b, 2 * b}  # blocks written inside denoising forwards
     assert any(r["finish"] == "stop" and len(r["response_ids"]) < 20 for r in results)
     assert max(rows[1:]) == len(prompts) and rows[-1] < len(prompts)  # rows leave as they finish
 
@@ -216,8 +220,8 @@ def test_sample_tokens_filters_and_reports_the_unfiltered_logprob():
 def run_dir(stopping_model, tmp_path_factory):
     model, tokenizer = stopping_model
     run = tmp_path_factory.mktemp("run")
-    attention.save_checkpoint(model, tokenizer, attention.policy_dir(run, 3))
-    attention.publish_policy(run, 3)
+    attention.save_checkpoint(model, tokenizer, common.policy_dir(run, 3))
+    common.publish_policy(run, 3)
     return run
 
 

@@ -1,4 +1,4 @@
-"""Every top-level script answers --help, and importing it has no side effects (DESIGN.md)."""
+"""Every top-level script answers --help, and importing it has no side effects (docs/design.md)."""
 
 import importlib
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from attention import parse_config
+from common import parse_config
 
 SCRIPTS = sorted(p.name for p in ROOT.glob("*.py")) + ["data/arithmetic.py"]
 
@@ -33,3 +33,17 @@ def test_shipped_configs_name_only_known_fields(config):
     tag = config[:-len(".json")].split("_")[1]
     if tag.startswith("sdar"):  # one run dir per model, shared by its three stages
         assert cfg.run == f"runs/{tag}"
+
+
+def test_no_stage_imports_another_stage():
+    """The stages talk through files: sft, rollout and dipo import attention and common only
+    (rollout also eval's grader); eval, attention and common import no stage."""
+    import ast
+
+    stages = {"sft", "rollout", "dipo", "eval"}
+    allowed = {"rollout": {"eval"}}
+    for name in ("sft", "rollout", "dipo", "eval", "attention", "common"):
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert imported & stages <= allowed.get(name, set()), (name, imported & stages)

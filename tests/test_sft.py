@@ -15,6 +15,7 @@ from conftest import ROOT
 from safetensors.torch import load_file
 
 import attention
+import common
 import sft
 
 MASK, PAD = 3, 0
@@ -112,7 +113,7 @@ def run_sft(args, **kw):
                           capture_output=True, text=True, cwd=ROOT, env=env, **kw)
 
 
-def common(tmp_path, run, steps=30):
+def sft_args(tmp_path, run, steps=30):
     return ["--data", small_data(tmp_path), "--run", tmp_path / run, "--steps", steps, "--batch-size", 4,
             "--eval-docs", 8, "--warmup-steps", 3, "--row-len", 256]
 
@@ -125,10 +126,10 @@ def metrics(run):
 
 
 def test_a_short_run_writes_a_checkpoint_that_loads(tmp_path):
-    out = run_sft(common(tmp_path, "a") + ["--log-every", 10])
+    out = run_sft(sft_args(tmp_path, "a") + ["--log-every", 10])
     assert out.returncode == 0, out.stderr
     run = tmp_path / "a"
-    step, policy = attention.latest_policy(run)
+    step, policy = common.latest_policy(run)
     assert step == 0 and policy == run / "policy" / "step_000000"
     model, _ = attention.load_model(str(policy))
     assert model.config.block_size == 4 and model.config.instruction == ""
@@ -136,12 +137,12 @@ def test_a_short_run_writes_a_checkpoint_that_loads(tmp_path):
     assert [m["step"] for m in lines if "loss" in m] == [10, 20, 30] and all(m["stage"] == "sft" for m in lines)
     assert "held_out_loss" in lines[-1]
     assert json.loads((run / "config" / "sft.json").read_text())["steps"] == 30
-    again = run_sft(common(tmp_path, "a"))  # an existing run is not overwritten
+    again = run_sft(sft_args(tmp_path, "a"))  # an existing run is not overwritten
     assert again.returncode != 0 and "--resume" in again.stderr
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    args = common(tmp_path, "k", steps=40) + ["--save-every", 10]
+    args = sft_args(tmp_path, "k", steps=40) + ["--save-every", 10]
     assert run_sft(args[:3] + [tmp_path / "ref"] + args[4:]).returncode == 0
     proc = subprocess.Popen([sys.executable, str(ROOT / "sft.py"), "--threads", "1", *map(str, args)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -169,7 +170,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 def test_two_processes_give_the_same_losses_and_gradient_norms(tmp_path, dtype, rel):
     """bfloat16: autocast in one process against FSDP2's mixed precision (bf16 gathered
     weights, fp32 shards and gradient reduction) in two; equal to bf16 rounding."""
-    args = common(tmp_path, "one", steps=3) + ["--log-every", 1, "--eval-docs", 0, "--dtype", dtype]
+    args = sft_args(tmp_path, "one", steps=3) + ["--log-every", 1, "--eval-docs", 0, "--dtype", dtype]
     assert run_sft(args).returncode == 0
     two = args[:3] + [tmp_path / "two"] + args[4:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

@@ -50,7 +50,13 @@ from pathlib import Path
 import torch
 import transformers
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-from transformers import AttentionInterface, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    AttentionInterface,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from common import flag, parse_config
 
@@ -141,7 +147,9 @@ def attention_mask_for(layout, backend, device, dtype=torch.float32):
     if key in _MASK_CACHE:
         _MASK_CACHE.move_to_end(key)
         return _MASK_CACHE[key]
-    on_device = Layout(layout.doc.to(device), layout.copy.to(device), layout.pos.to(device), layout.block_size)
+    on_device = Layout(
+        layout.doc.to(device), layout.copy.to(device), layout.pos.to(device), layout.block_size
+    )
     if backend == "flex":
         B, N = layout.doc.shape
         mask = create_block_mask(block_diffusion_mask_mod(on_device), B, None, N, N, device=device)
@@ -149,7 +157,9 @@ def attention_mask_for(layout, backend, device, dtype=torch.float32):
         mask = dense_mask(on_device)
     elif backend == "eager":
         allowed = dense_mask(on_device)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
     else:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {sorted(BACKENDS)}")
     _MASK_CACHE[key] = mask
@@ -167,7 +177,9 @@ def _flex_attention_forward(module, query, key, value, attention_mask, scaling=N
     """transformers attention function for "dirl_flex": query [B, H, Q, D], key/value [B, Hkv, K, D],
     attention_mask a BlockMask. Compiled on CUDA (once per shape); the eager reference elsewhere."""
     attend = _compiled_flex_attention() if query.is_cuda else flex_attention
-    out = attend(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    out = attend(
+        query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
     return out.transpose(1, 2).contiguous(), None  # [B, Q, H, D], no attention weights
 
 
@@ -188,16 +200,22 @@ def forward_layout(model, input_ids, layout, at=None):
     mask = attention_mask_for(layout, backend_of(model), device, model.dtype)
     out = model(
         input_ids=input_ids,
-        attention_mask={layer_type: mask for layer_type in set(model.config.layer_types)},  # passed on untouched
+        attention_mask={
+            layer_type: mask for layer_type in set(model.config.layer_types)
+        },  # passed on untouched
         position_ids=layout.pos.to(device),
-        logits_to_keep=0 if at is None else 1,  # with `at`, the model's own LM head runs on one position per row
+        logits_to_keep=0
+        if at is None
+        else 1,  # with `at`, the model's own LM head runs on one position per row
         output_hidden_states=at is not None,
         use_cache=False,
     )
     if at is None:
         return out.logits
     rows, cols = at
-    return model.lm_head(out.hidden_states[-1][rows.to(device), cols.to(device)])  # hidden_states[-1]: after the final norm
+    return model.lm_head(
+        out.hidden_states[-1][rows.to(device), cols.to(device)]
+    )  # hidden_states[-1]: after the final norm
 
 
 def sampling_logprobs(logits, temperature=1.0, top_k=0, top_p=1.0):
@@ -215,7 +233,9 @@ def sampling_logprobs(logits, temperature=1.0, top_k=0, top_p=1.0):
     if top_p < 1.0:
         sorted_q, order = logq.exp().sort(-1, descending=True)
         drop = sorted_q.cumsum(-1) - sorted_q >= top_p  # tokens after the mass is reached
-        logq = torch.log_softmax(logq.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf")), -1)
+        logq = torch.log_softmax(
+            logq.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf")), -1
+        )
     return logq
 
 
@@ -248,8 +268,13 @@ def replay_copies(prompt_ids, response_ids, step_map, mask_id, block_size, round
     prompt_len = len(prompt_ids)
     noisy_from = prompt_len // block_size * block_size
     rounds = sorted(set(step_map)) if rounds is None else rounds
-    copies = [[mask_id if pos >= prompt_len and step_map[pos - prompt_len] >= s else clean[pos]
-               for pos in range(noisy_from, len(clean))] for s in rounds]
+    copies = [
+        [
+            mask_id if pos >= prompt_len and step_map[pos - prompt_len] >= s else clean[pos]
+            for pos in range(noisy_from, len(clean))
+        ]
+        for s in rounds
+    ]
     return noisy_from, rounds, copies
 
 
@@ -365,7 +390,11 @@ def mask_token_id_of(tokenizer):
 
 def qwen3_config_from_sdar(raw):
     """SDAR's config.json is Qwen3's plus custom-code keys; drop those and build a Qwen3Config."""
-    keep = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
+    keep = {
+        k: v
+        for k, v in raw.items()
+        if k not in ("model_type", "architectures", "auto_map", "transformers_version")
+    }
     return Qwen3Config(**keep)
 
 
@@ -382,7 +411,9 @@ def load_model(name_or_dir, dtype=torch.float32, device="cpu", attn="auto", seed
     else:
         path = Path(name_or_dir)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: not a model directory (no config.json); pass a checkpoint dir or 'tiny'")
+            raise FileNotFoundError(
+                f"{path}: not a model directory (no config.json); pass a checkpoint dir or 'tiny'"
+            )
         raw = json.loads((path / "config.json").read_text())
         if raw.get("model_type") == "sdar":
             config = qwen3_config_from_sdar(raw)
@@ -395,11 +426,17 @@ def load_model(name_or_dir, dtype=torch.float32, device="cpu", attn="auto", seed
         tokenizer = AutoTokenizer.from_pretrained(path)
         mask_id = mask_token_id_of(tokenizer)
         if mask_id is None:
-            raise ValueError(f"{path}: the tokenizer has no mask token (looked for {', '.join(MASK_TOKEN_NAMES)})")
+            raise ValueError(
+                f"{path}: the tokenizer has no mask token (looked for {', '.join(MASK_TOKEN_NAMES)})"
+            )
         if getattr(config, "mask_token_id", None) not in (None, mask_id):
-            raise ValueError(f"{path}: config mask_token_id {config.mask_token_id} differs from the tokenizer's mask token id {mask_id}")
+            raise ValueError(
+                f"{path}: config mask_token_id {config.mask_token_id} differs from the tokenizer's mask token id {mask_id}"
+            )
         config.mask_token_id = mask_id
-        config.block_size = getattr(config, "block_size", None) or DEFAULT_BLOCK_SIZE  # some SDAR copies omit it
+        config.block_size = (
+            getattr(config, "block_size", None) or DEFAULT_BLOCK_SIZE
+        )  # some SDAR copies omit it
         config.instruction = getattr(config, "instruction", DIRL_INSTRUCTION)
         model = Qwen3ForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     model.set_attn_implementation(BACKENDS[attn])
@@ -443,8 +480,10 @@ def main(cfg):
     model, tokenizer = load_model(cfg.model, attn=cfg.attn, seed=cfg.seed)
     c = model.config
     params = sum(p.numel() for p in model.parameters())
-    print(f"{cfg.model}: Qwen3 {params / 1e6:.2f}M params, hidden {c.hidden_size}, {c.num_hidden_layers} layers, "
-          f"vocab {c.vocab_size}, block_size {c.block_size}, mask_token_id {c.mask_token_id}, attn {backend_of(model)}")
+    print(
+        f"{cfg.model}: Qwen3 {params / 1e6:.2f}M params, hidden {c.hidden_size}, {c.num_hidden_layers} layers, "
+        f"vocab {c.vocab_size}, block_size {c.block_size}, mask_token_id {c.mask_token_id}, attn {backend_of(model)}"
+    )
     if cfg.save:
         save_checkpoint(model, tokenizer, cfg.save)
         print(f"saved to {cfg.save}")

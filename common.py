@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-
 # ----------------------------------------------------------------------------- configs and flags
 
 
@@ -41,16 +40,30 @@ def flag(default, help):
 def parse_config(config_cls, argv=None, description=None):
     """Build an argparse parser from a @dataclass Config: one --kebab-case flag per field,
     booleans as --x/--no-x, plus --config FILE.json. Precedence: defaults < file < flags."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="FILE.json", help="JSON object with any of the fields below (snake_case); flags given on the command line win")
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE.json",
+        help="JSON object with any of the fields below (snake_case); flags given on the command line win",
+    )
     for f in dataclasses.fields(config_cls):
         name = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help = f"{f.metadata.get('help', '')} (default: {default!r})"
         if f.type is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+            parser.add_argument(
+                name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help
+            )
         elif isinstance(default, list):
-            parser.add_argument(name, nargs="*", type=type(default[0]) if default else str, default=argparse.SUPPRESS, help=help)
+            parser.add_argument(
+                name,
+                nargs="*",
+                type=type(default[0]) if default else str,
+                default=argparse.SUPPRESS,
+                help=help,
+            )
         else:
             kind = f.type if f.type in (int, float, str) else str
             parser.add_argument(name, type=kind, default=argparse.SUPPRESS, help=help)
@@ -95,7 +108,7 @@ def latest_policy(run):
     name = latest.read_text().strip()
     if not re.fullmatch(r"step_\d{6}", name) or not (latest.parent / name / "config.json").is_file():
         raise ValueError(f"{latest}: names {name!r}, which is not a checkpoint in {latest.parent}")
-    return int(name[len("step_"):]), latest.parent / name
+    return int(name[len("step_") :]), latest.parent / name
 
 
 def publish_policy(run, step):
@@ -123,7 +136,9 @@ def _epoch_order(total, seed, epoch):
 def append_metrics(run, record):
     Path(run).mkdir(parents=True, exist_ok=True)
     with open(Path(run) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")  # wall time: loop curves, time splits
+        f.write(
+            json.dumps({"time": round(time.time(), 3), **record}) + "\n"
+        )  # wall time: loop curves, time splits
 
 
 def record_invocation(run, stage, cfg):
@@ -133,16 +148,28 @@ def record_invocation(run, stage, cfg):
     config = dataclasses.asdict(cfg)
     write_atomic(Path(run) / "config" / f"{stage}.json", json.dumps(config, indent=2))
     here = Path(__file__).resolve().parent
-    git = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True, text=True)
+    git = subprocess.run(
+        ["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=40"],
+        capture_output=True,
+        text=True,
+    )
     packages = {}
     for name in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "sympy", "tqdm"):
         try:
             packages[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             packages[name] = None
-    append_metrics(run, {"stage": stage, "event": "start", "config": config,
-                         "git_commit": git.stdout.strip() if git.returncode == 0 else None,
-                         "python": sys.version.split()[0], "packages": packages})
+    append_metrics(
+        run,
+        {
+            "stage": stage,
+            "event": "start",
+            "config": config,
+            "git_commit": git.stdout.strip() if git.returncode == 0 else None,
+            "python": sys.version.split()[0],
+            "packages": packages,
+        },
+    )
 
 
 # ----------------------------------------------------------------------------- many processes
@@ -171,11 +198,14 @@ def shard_model(model, compute_dtype=torch.float32):
     process keeps its float32 shard (and AdamW's state) and gradients are reduced in float32."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
-                                  reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(
+        param_dtype=None if compute_dtype == torch.float32 else compute_dtype, reduce_dtype=torch.float32
+    )
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=policy)
-    fully_shard(model.lm_head, mp_policy=policy)  # its own unit: forward_layout(at=...) calls it after the model's forward
+    fully_shard(
+        model.lm_head, mp_policy=policy
+    )  # its own unit: forward_layout(at=...) calls it after the model's forward
     fully_shard(model, mp_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
@@ -187,7 +217,11 @@ def shard_model(model, compute_dtype=torch.float32):
 def full_state(model, optimizer=None):
     """Full (unsharded, CPU) model and optimizer state dicts; a collective under FSDP, so every
     process calls it. Without FSDP it is the plain state dict."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(model, options=options)
@@ -203,4 +237,6 @@ def load_optimizer_state(model, optimizer, optim_sd):
 
 
 if __name__ == "__main__":  # not a stage: --help prints what it holds
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()

@@ -77,7 +77,16 @@ import common
 from common import flag
 
 NOTHING_TO_LEARN = 3
-RECORD_KEYS = ("policy_step", "prompt_id", "prompt_ids", "response_ids", "step_map", "logprobs", "reward", "sampler")
+RECORD_KEYS = (
+    "policy_step",
+    "prompt_id",
+    "prompt_ids",
+    "response_ids",
+    "step_map",
+    "logprobs",
+    "reward",
+    "sampler",
+)
 
 
 @dataclass
@@ -90,22 +99,35 @@ class Config:
     clip_high: float = flag(0.28, "PPO clip: ratio <= 1 + clip_high (DAPO's clip-higher)")
     beta: float = flag(0.0, "weight of the k3 KL penalty to the reference policy")
     ref: str = flag("", "reference policy dir for --beta > 0 (default: runs/<run>/policy/step_000000)")
-    loss_norm: str = flag("token", "'token': sum / tokens in the minibatch; 'sequence': mean over responses of their token mean")
-    dapo_filter: bool = flag(True, "drop groups whose rewards are all equal: zero advantage, so no gradient with --beta 0, "
-                                   "only compute (--no-dapo-filter keeps them in the token count)")
+    loss_norm: str = flag(
+        "token", "'token': sum / tokens in the minibatch; 'sequence': mean over responses of their token mean"
+    )
+    dapo_filter: bool = flag(
+        True,
+        "drop groups whose rewards are all equal: zero advantage, so no gradient with --beta 0, "
+        "only compute (--no-dapo-filter keeps them in the token count)",
+    )
     ppo_epochs: int = flag(1, "passes over the rollouts")
     minibatches: int = flag(8, "optimizer steps per pass (1 = DiRL's single on-policy step)")
     micro_batch_size: int = flag(16, "responses per forward")
-    row_len: int = flag(256, "tokens per packed row (a response with all its rounds larger than this gets a row of its own)")
+    row_len: int = flag(
+        256, "tokens per packed row (a response with all its rounds larger than this gets a row of its own)"
+    )
     dtype: str = flag("float32", "compute dtype: float32, or bfloat16 (autocast)")
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass to save memory")
     device: str = flag("auto", "auto (cuda if present), cpu or cuda")
     attn: str = flag("auto", "attention backend: auto (flex on CUDA, else sdpa), flex, sdpa, eager")
-    estimator: str = flag("dipo", "'dipo' (the paper's: kept tokens' logprobs) or 'exact' (adds the commit rule's selection "
-                                  "factor and scores under the sampling distribution; the docstring says why)")
-    diagnostics: bool = flag(True, "with --estimator exact: log the selection term's gradient norm relative to the token "
-                                   "term's, their cosine and each estimator's gradient noise (one more backward through "
-                                   "the selection term; one process only)")
+    estimator: str = flag(
+        "dipo",
+        "'dipo' (the paper's: kept tokens' logprobs) or 'exact' (adds the commit rule's selection "
+        "factor and scores under the sampling distribution; the docstring says why)",
+    )
+    diagnostics: bool = flag(
+        True,
+        "with --estimator exact: log the selection term's gradient norm relative to the token "
+        "term's, their cosine and each estimator's gradient noise (one more backward through "
+        "the selection term; one process only)",
+    )
     seed: int = flag(0, "seed of the minibatch shuffle")
     threads: int = flag(0, "torch CPU threads (0 = torch's default)")
 
@@ -150,18 +172,33 @@ def build_batch(records, mask_id, block_size, pad_id, row_len, rounds=None, all_
     Returns input_ids [B, N], the Layout, and per scored position: row, column, token id,
     record index, index in the response, kept (committed in that round) and unit (a number per
     (record, round, block): the positions of one sampler step)."""
-    replays = [attention.replay_copies(r["prompt_ids"], r["response_ids"], r["step_map"], mask_id, block_size, rounds)
-               for r in records]
-    documents = [(list(r["prompt_ids"]) + list(r["response_ids"]), noisy_from, copies)
-                 for r, (noisy_from, _, copies) in zip(records, replays)]
+    replays = [
+        attention.replay_copies(
+            r["prompt_ids"], r["response_ids"], r["step_map"], mask_id, block_size, rounds
+        )
+        for r in records
+    ]
+    documents = [
+        (list(r["prompt_ids"]) + list(r["response_ids"]), noisy_from, copies)
+        for r, (noisy_from, _, copies) in zip(records, replays)
+    ]
     input_ids, layout, rows, first = attention.pack_copies(documents, block_size, pad_id, row_len)
     out, units = defaultdict(list), {}
     for row_index, row in enumerate(rows):
         for i in row:
             noisy_from, record_rounds, _ = replays[i]
-            for col, token, t, s, block in scored_positions(records[i], noisy_from, record_rounds, first[i], block_size,
-                                                            all_masked):
-                values = (row_index, col, token, i, t, records[i]["step_map"][t] == s, units.setdefault((i, s, block), len(units)))
+            for col, token, t, s, block in scored_positions(
+                records[i], noisy_from, record_rounds, first[i], block_size, all_masked
+            ):
+                values = (
+                    row_index,
+                    col,
+                    token,
+                    i,
+                    t,
+                    records[i]["step_map"][t] == s,
+                    units.setdefault((i, s, block), len(units)),
+                )
                 for key, v in zip(("row", "col", "token", "record", "index", "kept", "unit"), values):
                     out[key].append(v)
     return input_ids, layout, {k: torch.tensor(v) for k, v in out.items()}
@@ -173,7 +210,9 @@ def forward_scores(model, batch, device, dtype, sampler=None):
     sampling distribution (attention.sampling_logprobs) at every scored position [N, V]."""
     input_ids, layout, where = batch
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        logits = attention.forward_layout(model, input_ids.to(device), layout, at=(where["row"], where["col"]))  # [N, V]
+        logits = attention.forward_layout(
+            model, input_ids.to(device), layout, at=(where["row"], where["col"])
+        )  # [N, V]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     kept = where["kept"].to(device)
     all_kept = bool(kept.all())  # DiPO's batches score only kept tokens: no [N, V] copy for them
@@ -182,7 +221,11 @@ def forward_scores(model, batch, device, dtype, sampler=None):
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     if sampler is None:
         return logp, entropy, None
-    return logp, entropy, attention.sampling_logprobs(logits, sampler["temperature"], sampler["top_k"], sampler["top_p"])
+    return (
+        logp,
+        entropy,
+        attention.sampling_logprobs(logits, sampler["temperature"], sampler["top_k"], sampler["top_p"]),
+    )
 
 
 def token_logprobs(model, batch, device, dtype):
@@ -204,7 +247,9 @@ def noise_to_signal(sum_of_squares, total, n):
 
 def step_records(where):
     """The record (index in the batch) of every sampler step [U]."""
-    return torch.zeros(int(where["unit"].max()) + 1, dtype=torch.long).scatter(0, where["unit"], where["record"])
+    return torch.zeros(int(where["unit"].max()) + 1, dtype=torch.long).scatter(
+        0, where["unit"], where["record"]
+    )
 
 
 def exact_terms(logq, where, below):
@@ -265,9 +310,13 @@ def selection_log_factor(logq, below, kept, unit, num_units):
     """log P(the rule kept exactly this set | the kept draws) per sampler step [U]: the sum over
     the step's masked positions j that were not kept of log sum_{u in below_j} q_j(u) (the issue's
     closed form; 0 for a step that kept every masked position). logq [N, V] carries the gradient."""
-    others = ~kept & below.any(-1)  # an empty set (only a train-inference mismatch at a borderline can empty one) adds nothing
+    others = ~kept & below.any(
+        -1
+    )  # an empty set (only a train-inference mismatch at a borderline can empty one) adds nothing
     log_m = torch.logsumexp(logq[others].masked_fill(~below[others], float("-inf")), -1)  # [N']
-    return torch.zeros(num_units, dtype=logq.dtype, device=logq.device).index_add(0, unit[others].to(logq.device), log_m)
+    return torch.zeros(num_units, dtype=logq.dtype, device=logq.device).index_add(
+        0, unit[others].to(logq.device), log_m
+    )
 
 
 def token_weights(response_lengths, total_tokens, total_responses, loss_norm):
@@ -296,23 +345,41 @@ def read_rollouts(path, step, block_size, mask_id):
         try:
             r = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e.msg}); a partial file? rerun rollout.py --force") from None
+            raise ValueError(
+                f"{where}: not JSON ({e.msg}); a partial file? rerun rollout.py --force"
+            ) from None
         missing = [k for k in RECORD_KEYS if k not in r]
         if missing:
             raise ValueError(f"{where}: missing keys {missing}")
         if r["policy_step"] != step:
-            raise ValueError(f"{where}: sampled by policy step {r['policy_step']}, but the policy is at step {step} (stale rollouts)")
-        if r["sampler"].get("block_size") != block_size or r["sampler"].get("mask_token_id", mask_id) != mask_id:
-            raise ValueError(f"{where}: sampled with block size {r['sampler'].get('block_size')} and mask token "
-                             f"{r['sampler'].get('mask_token_id')}, the policy has {block_size} and {mask_id}")
+            raise ValueError(
+                f"{where}: sampled by policy step {r['policy_step']}, but the policy is at step {step} (stale rollouts)"
+            )
+        if (
+            r["sampler"].get("block_size") != block_size
+            or r["sampler"].get("mask_token_id", mask_id) != mask_id
+        ):
+            raise ValueError(
+                f"{where}: sampled with block size {r['sampler'].get('block_size')} and mask token "
+                f"{r['sampler'].get('mask_token_id')}, the policy has {block_size} and {mask_id}"
+            )
         if r["sampler"].get("ban_eos") or r["sampler"].get("min_new_tokens", 0) > 0:
-            raise ValueError(f"{where}: sampled with the evaluation-only switches --ban-eos / --min-new-tokens, which "
-                             "draw from another distribution than the policy's; sample training rollouts without them")
+            raise ValueError(
+                f"{where}: sampled with the evaluation-only switches --ban-eos / --min-new-tokens, which "
+                "draw from another distribution than the policy's; sample training rollouts without them"
+            )
         n_resp = len(r["response_ids"])
-        if len(r["step_map"]) != n_resp or len(r["logprobs"]) != n_resp or not n_resp \
-                or (len(r["prompt_ids"]) + n_resp) % block_size or not all(0 <= s < block_size for s in r["step_map"]):
-            raise ValueError(f"{where}: response_ids, step_map and logprobs must be equally long, non-empty, end on a "
-                             f"block boundary and have steps in [0, {block_size})")
+        if (
+            len(r["step_map"]) != n_resp
+            or len(r["logprobs"]) != n_resp
+            or not n_resp
+            or (len(r["prompt_ids"]) + n_resp) % block_size
+            or not all(0 <= s < block_size for s in r["step_map"])
+        ):
+            raise ValueError(
+                f"{where}: response_ids, step_map and logprobs must be equally long, non-empty, end on a "
+                f"block boundary and have steps in [0, {block_size})"
+            )
         records.append(r)
     if not records:
         raise ValueError(f"{path}: empty")
@@ -328,8 +395,10 @@ def exact_sampler(records):
         raise ValueError(f"--estimator exact: the rollouts mix sampler settings {sorted(settings, key=str)}")
     sampler = dict(zip(keys, settings.pop()))
     if sampler["engine"] != "torch":
-        raise ValueError(f"--estimator exact: rollouts from engine {sampler['engine']!r}; the selection factor is derived for "
-                         "rollout.py's own commit rule only")
+        raise ValueError(
+            f"--estimator exact: rollouts from engine {sampler['engine']!r}; the selection factor is derived for "
+            "rollout.py's own commit rule only"
+        )
     if sampler["strategy"] not in ("low_confidence_dynamic", "low_confidence_static", "sequential"):
         raise ValueError(f"--estimator exact: no selection factor for strategy {sampler['strategy']!r}")
     if not sampler["temperature"] or sampler["temperature"] <= 0:
@@ -373,17 +442,25 @@ def main(cfg):
     kept = [i for i, a in enumerate(adv) if a != 0.0] if cfg.dapo_filter else list(range(len(records)))
     groups = len({r["prompt_id"] for r in records})
     with_signal = len({records[i]["prompt_id"] for i, a in enumerate(adv) if a})
-    log = {"stage": "dipo", "step": step + 1, "reward": sum(rewards) / len(rewards),
-           "reward_std": torch.tensor(rewards, dtype=torch.float64).std(unbiased=False).item(),
-           "groups": groups, "groups_with_signal": with_signal, "groups_kept": with_signal if cfg.dapo_filter else groups}
+    log = {
+        "stage": "dipo",
+        "step": step + 1,
+        "reward": sum(rewards) / len(rewards),
+        "reward_std": torch.tensor(rewards, dtype=torch.float64).std(unbiased=False).item(),
+        "groups": groups,
+        "groups_with_signal": with_signal,
+        "groups_kept": with_signal if cfg.dapo_filter else groups,
+    }
     if not any(adv[i] for i in kept):
         if rank == 0:
             attention.save_checkpoint(model, tokenizer, common.policy_dir(run, step + 1))
             common.append_metrics(run, {**log, "updated": False})
             save_torch_atomic({**(state or {}), "step": step + 1}, state_path)
             common.publish_policy(run, step + 1)
-            print(f"dipo step {step + 1}: no group has a learning signal (all rewards equal within every group); "
-                  f"policy carried over unchanged")
+            print(
+                f"dipo step {step + 1}: no group has a learning signal (all rewards equal within every group); "
+                f"policy carried over unchanged"
+            )
         return NOTHING_TO_LEARN
 
     records = [records[i] for i in kept]
@@ -393,7 +470,9 @@ def main(cfg):
         model.gradient_checkpointing_enable()
     if world > 1:
         common.shard_model(model, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    )
     if state and "optimizer" in state:
         common.load_optimizer_state(model, optimizer, state["optimizer"])
     ref = None
@@ -403,17 +482,35 @@ def main(cfg):
         ref.eval()
 
     # Minibatches over all records, then this process's micro-batches; the same split every epoch.
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + step)).tolist()
+    order = torch.randperm(
+        len(records), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+    ).tolist()
     count = min(cfg.minibatches, len(records))  # never an empty minibatch
     minibatches = [order[m::count] for m in range(count)]
     plan = []  # per minibatch: (record indices, real?, packed batch) per micro-batch
     for mb in minibatches:
         micro_count = max(1, math.ceil(len(mb) / (cfg.micro_batch_size * world)))
-        chunks = [mb[j::micro_count * world] for j in range(micro_count * world)][rank::world]
-        chunks = [(chunk or mb[:1], bool(chunk)) for chunk in chunks]  # every process runs as many; an empty one with weight 0
-        plan.append([(chunk, real, build_batch([records[i] for i in chunk], c.mask_token_id, c.block_size,
-                                               c.eos_token_id, cfg.row_len, all_masked=sampler is not None))
-                     for chunk, real in chunks])
+        chunks = [mb[j :: micro_count * world] for j in range(micro_count * world)][rank::world]
+        chunks = [
+            (chunk or mb[:1], bool(chunk)) for chunk in chunks
+        ]  # every process runs as many; an empty one with weight 0
+        plan.append(
+            [
+                (
+                    chunk,
+                    real,
+                    build_batch(
+                        [records[i] for i in chunk],
+                        c.mask_token_id,
+                        c.block_size,
+                        c.eos_token_id,
+                        cfg.row_len,
+                        all_masked=sampler is not None,
+                    ),
+                )
+                for chunk, real in chunks
+            ]
+        )
     selective = sampler is not None and sampler["strategy"] != "sequential"
     diagnose = selective and cfg.diagnostics and world == 1
     params = [p for p in model.parameters() if p.requires_grad]
@@ -427,8 +524,15 @@ def main(cfg):
         mismatch), then the same as terms(), plus the selection sets taken there."""
         below = None
         if selective:
-            below = selection_sets(logq.detach(), where["token"].to(device), where["kept"].to(device), where["unit"].to(device),
-                                   int(where["unit"].max()) + 1, sampler["strategy"], sampler["threshold"])
+            below = selection_sets(
+                logq.detach(),
+                where["token"].to(device),
+                where["kept"].to(device),
+                where["unit"].to(device),
+                int(where["unit"].max()) + 1,
+                sampler["strategy"],
+                sampler["threshold"],
+            )
         tokens, selection = terms(logp.detach(), None if logq is None else logq.detach(), where, below)
         return logp.detach(), tokens, selection, below
 
@@ -465,30 +569,52 @@ def main(cfg):
                 logp_old, tokens_old, selection_old, below = old[m, j]
                 tokens, selection = terms(logp, logq, where, below)
                 if epoch == 0 and real:  # the train-inference mismatch: step k's logprobs vs the sampler's
-                    recorded = [records[chunk[k]]["logprobs"][i] for k, i in zip(scored["record"].tolist(), scored["index"].tolist())]
+                    recorded = [
+                        records[chunk[k]]["logprobs"][i]
+                        for k, i in zip(scored["record"].tolist(), scored["index"].tolist())
+                    ]
                     mismatch.append((logp_old.cpu() - torch.tensor(recorded)).abs())
                 owner = torch.tensor(chunk)[scored["record"]]  # [K] record index of every scored token
-                loss_t, clipped = dipo_token_loss(tokens, tokens_old, adv[owner].to(device), cfg.clip_low, cfg.clip_high,
-                                                  ref_logp[m, j] if cfg.beta else None, cfg.beta, logp_policy=logp)
+                loss_t, clipped = dipo_token_loss(
+                    tokens,
+                    tokens_old,
+                    adv[owner].to(device),
+                    cfg.clip_low,
+                    cfg.clip_high,
+                    ref_logp[m, j] if cfg.beta else None,
+                    cfg.beta,
+                    logp_policy=logp,
+                )
                 lengths = torch.tensor([len(records[i]["response_ids"]) for i in owner.tolist()])
-                w = token_weights(lengths, mb_tokens, len(minibatches[m]), cfg.loss_norm).to(device, torch.float32)
+                w = token_weights(lengths, mb_tokens, len(minibatches[m]), cfg.loss_norm).to(
+                    device, torch.float32
+                )
                 w = w if real else torch.zeros_like(w)
                 loss = (loss_t * w).sum()
                 if selection is not None:  # one term per sampler step, weighted as one token of its response
                     step_owner = torch.tensor(chunk)[step_records(where)]
-                    loss_s, clipped_s = dipo_token_loss(selection, selection_old, adv[step_owner].to(device),
-                                                        cfg.clip_low, cfg.clip_high)
-                    step_lengths = torch.tensor([len(records[i]["response_ids"]) for i in step_owner.tolist()])
-                    w_s = token_weights(step_lengths, mb_tokens, len(minibatches[m]), cfg.loss_norm).to(device, torch.float32)
+                    loss_s, clipped_s = dipo_token_loss(
+                        selection, selection_old, adv[step_owner].to(device), cfg.clip_low, cfg.clip_high
+                    )
+                    step_lengths = torch.tensor(
+                        [len(records[i]["response_ids"]) for i in step_owner.tolist()]
+                    )
+                    w_s = token_weights(step_lengths, mb_tokens, len(minibatches[m]), cfg.loss_norm).to(
+                        device, torch.float32
+                    )
                     loss_selection = (loss_s * (w_s if real else torch.zeros_like(w_s))).sum()
                     loss = loss + loss_selection
                 timing["forward"] += time.time() - t
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"dipo step {step + 1}: loss is {loss.item()}; no checkpoint written")
+                    raise FloatingPointError(
+                        f"dipo step {step + 1}: loss is {loss.item()}; no checkpoint written"
+                    )
                 if diagnose:
                     t = time.time()
                     grads = torch.autograd.grad(loss_selection, params, retain_graph=True, allow_unused=True)
-                    from_selection = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+                    from_selection = torch.cat(
+                        [(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)]
+                    )
                     timing["diagnostics"] += time.time() - t
                 t = time.time()
                 loss.backward()
@@ -512,30 +638,53 @@ def main(cfg):
                             stats["clipped_steps"] += clipped_s.sum().item()
                             stats["selection_abs"] += selection.abs().sum().item()
                             stats["tokens_abs"] += tokens.abs().sum().item()
-            if diagnose:  # the token term's gradient is DiPO's (at temperature 1, no filtering); summed, then averaged
+            if (
+                diagnose
+            ):  # the token term's gradient is DiPO's (at temperature 1, no filtering); summed, then averaged
                 from_tokens = grad_before - selection_grad
                 stats["grad_ratio"] += (selection_grad.norm() / from_tokens.norm().clamp(min=1e-30)).item()
-                stats["grad_cosine"] += torch.nn.functional.cosine_similarity(from_tokens, grad_before, dim=0).item()
+                stats["grad_cosine"] += torch.nn.functional.cosine_similarity(
+                    from_tokens, grad_before, dim=0
+                ).item()
                 if len(micro) > 1:
                     stats["noise_dipo"] += noise_to_signal(squares["dipo"], from_tokens, len(micro))
                     stats["noise_exact"] += noise_to_signal(squares["exact"], grad_before, len(micro))
                     stats["noise_count"] += 1
             t = time.time()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            )
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"dipo step {step + 1}: gradient norm {grad_norm.item()}; no checkpoint written")
+                raise FloatingPointError(
+                    f"dipo step {step + 1}: gradient norm {grad_norm.item()}; no checkpoint written"
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             timing["optimizer"] += time.time() - t
-            stats["grad_norm"] += grad_norm.item()  # the logged grad_norm is the mean over the step's optimizer steps
+            stats["grad_norm"] += (
+                grad_norm.item()
+            )  # the logged grad_norm is the mean over the step's optimizer steps
             bar.update(1)
     bar.close()
     mismatch = torch.cat(mismatch)
-    stats.update(mismatch_sum=mismatch.sum().item(), mismatch_count=len(mismatch), mismatch_max=mismatch.max().item())
+    stats.update(
+        mismatch_sum=mismatch.sum().item(), mismatch_count=len(mismatch), mismatch_max=mismatch.max().item()
+    )
     if world > 1:  # each process summed its own share
-        summed = ("loss", "tokens", "clipped", "approx_kl", "entropy", "mismatch_sum", "mismatch_count",
-                  "steps", "clipped_steps", "selection_abs", "tokens_abs")
+        summed = (
+            "loss",
+            "tokens",
+            "clipped",
+            "approx_kl",
+            "entropy",
+            "mismatch_sum",
+            "mismatch_count",
+            "steps",
+            "clipped_steps",
+            "selection_abs",
+            "tokens_abs",
+        )
         totals = torch.tensor([stats[k] for k in summed], device=device, dtype=torch.float64)
         torch.distributed.all_reduce(totals)
         stats.update(zip(summed, totals.tolist()))
@@ -549,32 +698,62 @@ def main(cfg):
         attention.save_checkpoint(model, tokenizer, common.policy_dir(run, step + 1), state_dict=model_sd)
     timing["io"] += time.time() - t
     tokens = max(1.0, stats["tokens"])
-    log.update({"updated": True, "loss": stats["loss"] / (cfg.ppo_epochs * len(minibatches)), "clip_frac": stats["clipped"] / tokens,
-                "approx_kl": stats["approx_kl"] / tokens, "entropy": stats["entropy"] / tokens,
-                "grad_norm": stats["grad_norm"] / (cfg.ppo_epochs * len(minibatches)),
-                "mismatch_mean": stats["mismatch_sum"] / stats["mismatch_count"], "mismatch_max": stats["mismatch_max"],
-                "tokens_per_s": tokens / max(1e-9, timing["forward"] + timing["backward"]),
-                "seconds": time.time() - t_start, **{f"time_{k}": v for k, v in timing.items()}})
-    if selective:  # how much the selection factor weighs: in log-probability, and (one process) in the gradient
-        log.update({"estimator": "exact", "selection_to_token_logp": stats["selection_abs"] / max(1e-30, stats["tokens_abs"]),
-                     "clip_frac_steps": stats["clipped_steps"] / max(1.0, stats["steps"])})
+    log.update(
+        {
+            "updated": True,
+            "loss": stats["loss"] / (cfg.ppo_epochs * len(minibatches)),
+            "clip_frac": stats["clipped"] / tokens,
+            "approx_kl": stats["approx_kl"] / tokens,
+            "entropy": stats["entropy"] / tokens,
+            "grad_norm": stats["grad_norm"] / (cfg.ppo_epochs * len(minibatches)),
+            "mismatch_mean": stats["mismatch_sum"] / stats["mismatch_count"],
+            "mismatch_max": stats["mismatch_max"],
+            "tokens_per_s": tokens / max(1e-9, timing["forward"] + timing["backward"]),
+            "seconds": time.time() - t_start,
+            **{f"time_{k}": v for k, v in timing.items()},
+        }
+    )
+    if (
+        selective
+    ):  # how much the selection factor weighs: in log-probability, and (one process) in the gradient
+        log.update(
+            {
+                "estimator": "exact",
+                "selection_to_token_logp": stats["selection_abs"] / max(1e-30, stats["tokens_abs"]),
+                "clip_frac_steps": stats["clipped_steps"] / max(1.0, stats["steps"]),
+            }
+        )
         if diagnose:
-            updates = cfg.ppo_epochs * len(minibatches)  # means over the step's optimizer steps, like grad_norm
-            log.update(selection_to_token_grad=stats["grad_ratio"] / updates, grad_cosine_dipo_exact=stats["grad_cosine"] / updates,
-                       **{f"grad_noise_{k}": stats[f"noise_{k}"] / stats["noise_count"] for k in ("dipo", "exact")
-                          if stats["noise_count"]})
-    if rank == 0:  # the metrics line before the commit point (the state file): a kill can repeat it, never lose it
+            updates = cfg.ppo_epochs * len(
+                minibatches
+            )  # means over the step's optimizer steps, like grad_norm
+            log.update(
+                selection_to_token_grad=stats["grad_ratio"] / updates,
+                grad_cosine_dipo_exact=stats["grad_cosine"] / updates,
+                **{
+                    f"grad_noise_{k}": stats[f"noise_{k}"] / stats["noise_count"]
+                    for k in ("dipo", "exact")
+                    if stats["noise_count"]
+                },
+            )
+    if (
+        rank == 0
+    ):  # the metrics line before the commit point (the state file): a kill can repeat it, never lose it
         common.append_metrics(run, log)
-        save_torch_atomic({"step": step + 1, "optimizer": optim_sd, "config": dataclasses.asdict(cfg)}, state_path)
+        save_torch_atomic(
+            {"step": step + 1, "optimizer": optim_sd, "config": dataclasses.asdict(cfg)}, state_path
+        )
         common.publish_policy(run, step + 1)
-        print(f"dipo step {step + 1} | reward {log['reward']:.3f} ± {log['reward_std']:.3f} | groups kept {log['groups_kept']}/{groups} | "
-              f"loss {log['loss']:+.4f} | clip {log['clip_frac']:.3f} | kl {log['approx_kl']:.2e} | entropy {log['entropy']:.3f} | "
-              f"grad norm {log['grad_norm']:.3f} | mismatch mean {log['mismatch_mean']:.1e} max {log['mismatch_max']:.1e} | "
-              + (f"selection/token logp {log['selection_to_token_logp']:.3f} | " if selective else "")
-              + (f"grad cos(dipo, exact) {log['grad_cosine_dipo_exact']:.3f} | " if diagnose else "")
-              + f"{log['tokens_per_s']:,.0f} tok/s | {log['seconds']:.1f} s "
-              f"(io {timing['io']:.1f}, fwd {timing['forward']:.1f}, bwd {timing['backward']:.1f}, opt {timing['optimizer']:.1f}"
-              + (f", diagnostics {timing['diagnostics']:.1f})" if diagnose else ")"))
+        print(
+            f"dipo step {step + 1} | reward {log['reward']:.3f} ± {log['reward_std']:.3f} | groups kept {log['groups_kept']}/{groups} | "
+            f"loss {log['loss']:+.4f} | clip {log['clip_frac']:.3f} | kl {log['approx_kl']:.2e} | entropy {log['entropy']:.3f} | "
+            f"grad norm {log['grad_norm']:.3f} | mismatch mean {log['mismatch_mean']:.1e} max {log['mismatch_max']:.1e} | "
+            + (f"selection/token logp {log['selection_to_token_logp']:.3f} | " if selective else "")
+            + (f"grad cos(dipo, exact) {log['grad_cosine_dipo_exact']:.3f} | " if diagnose else "")
+            + f"{log['tokens_per_s']:,.0f} tok/s | {log['seconds']:.1f} s "
+            f"(io {timing['io']:.1f}, fwd {timing['forward']:.1f}, bwd {timing['backward']:.1f}, opt {timing['optimizer']:.1f}"
+            + (f", diagnostics {timing['diagnostics']:.1f})" if diagnose else ")")
+        )
     if world > 1:
         torch.distributed.barrier()  # rank 0 is still writing; leaving early aborts the group
         torch.distributed.destroy_process_group()

@@ -78,7 +78,9 @@ class Config:
     policy: str = flag("", "sample this checkpoint dir instead of the run's latest (needs --out)")
     out: str = flag("", "write here instead of runs/<run>/rollouts/step_<k>.jsonl")
     data: str = flag("data/arith_rl.jsonl", "prompt file (JSON list or JSONL)")
-    num_prompts: int = flag(128, "prompts per call, taken in a seeded order that moves on with the policy step; 0 = all")
+    num_prompts: int = flag(
+        128, "prompts per call, taken in a seeded order that moves on with the policy step; 0 = all"
+    )
     group_size: int = flag(8, "responses sampled per prompt (G)")
     batch_size: int = flag(64, "sequences sampled together")
     strategy: str = flag("low_confidence_dynamic", f"commit rule: {', '.join(STRATEGIES)}")
@@ -91,13 +93,23 @@ class Config:
     block_size: int = flag(0, "must equal the checkpoint's block size if given (0 = the checkpoint's)")
     instruction: str = flag("auto", "sentence appended to questions; 'auto' = the checkpoint's")
     answer_format: str = flag("boxed", "how the grader reads answers: boxed or gsm8k")
-    ban_eos: bool = flag(False, "evaluation only (DiRL's protocol): never sample <|endoftext|>, so that a response "
-                                "stops only at <|im_end|>; dipo.py refuses such files")
-    min_new_tokens: int = flag(0, "evaluation only (DiRL's protocol: 128): no stop token at the first N response "
-                                  "positions; dipo.py refuses such files")
-    engine: str = flag("torch", "torch (this sampler) or lmdeploy (CUDA, needs a build that returns step maps)")
+    ban_eos: bool = flag(
+        False,
+        "evaluation only (DiRL's protocol): never sample <|endoftext|>, so that a response "
+        "stops only at <|im_end|>; dipo.py refuses such files",
+    )
+    min_new_tokens: int = flag(
+        0,
+        "evaluation only (DiRL's protocol: 128): no stop token at the first N response "
+        "positions; dipo.py refuses such files",
+    )
+    engine: str = flag(
+        "torch", "torch (this sampler) or lmdeploy (CUDA, needs a build that returns step maps)"
+    )
     tp: int = flag(1, "--engine lmdeploy: tensor-parallel GPUs for the engine")
-    rescore: int = flag(64, "--engine lmdeploy: records re-scored by our model to measure the engine-trainer logprob gap")
+    rescore: int = flag(
+        64, "--engine lmdeploy: records re-scored by our model to measure the engine-trainer logprob gap"
+    )
     device: str = flag("auto", "auto (cuda if present), cpu or cuda")
     dtype: str = flag("float32", "float32 or bfloat16")
     seed: int = flag(0, "sampling seed")
@@ -122,7 +134,9 @@ def sample_tokens(logits, temperature, top_k, top_p, uniforms, banned=None):
         tokens = probs.argmax(-1)
     else:  # inverse CDF: the first token whose cumulative probability exceeds the uniform
         cdf = probs.cumsum(-1)
-        tokens = torch.searchsorted(cdf, (uniforms * cdf[..., -1])[..., None].contiguous(), side="right")[..., 0]
+        tokens = torch.searchsorted(cdf, (uniforms * cdf[..., -1])[..., None].contiguous(), side="right")[
+            ..., 0
+        ]
         tokens = tokens.clamp(max=logits.shape[-1] - 1)
     return tokens, probs.gather(-1, tokens[..., None])[..., 0], logp.gather(-1, tokens[..., None])[..., 0]
 
@@ -181,9 +195,14 @@ class RowCache(Cache):
         super().__init__(layers=[])  # the base class's per-layer objects are replaced by the buffers below
         config, weight = model.config, model.lm_head.weight
         shape = (rows, config.num_key_value_heads, capacity, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(config.num_hidden_layers)]
+        self.keys = [
+            torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+            for _ in range(config.num_hidden_layers)
+        ]
         self.values = [torch.zeros_like(k) for k in self.keys]
-        self.lengths = torch.zeros(rows, dtype=torch.long, device=weight.device)  # [R] clean columns of each row
+        self.lengths = torch.zeros(
+            rows, dtype=torch.long, device=weight.device
+        )  # [R] clean columns of each row
         self.live, self.width = rows, 0  # width: columns the next forward attends over (chunk_attention_mask)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -249,8 +268,14 @@ def generate(model, prompts, generators, cfg, stop_ids):
     def forward(tokens, logits_to_keep=0):  # one chunk per row, at each row's own length
         mask, cache.width = chunk_attention_mask(cache.lengths, tokens.shape[1], b)
         positions = cache.lengths[:, None] + torch.arange(tokens.shape[1], device=device)[None]
-        out = model(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True,
-                    attention_mask={t: mask for t in layer_types}, logits_to_keep=logits_to_keep)
+        out = model(
+            input_ids=tokens,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            attention_mask={t: mask for t in layer_types},
+            logits_to_keep=logits_to_keep,
+        )
         return out.logits
 
     if int(clean.max()) > 0:  # prefill; a shorter prompt's padding columns are overwritten later
@@ -277,21 +302,33 @@ def generate(model, prompts, generators, cfg, stop_ids):
         # one chunk per row: [clean block ; current block] for rows that write, else [current block (; padding)]
         if writing.any():
             padding = torch.full_like(block, pad_id)
-            chunk = torch.where(writing[:, None], torch.cat([completed_block, block], 1), torch.cat([block, padding], 1))
+            chunk = torch.where(
+                writing[:, None], torch.cat([completed_block, block], 1), torch.cat([block, padding], 1)
+            )
         else:
             chunk = block
         logits = forward(chunk)  # [R, W, V]
         offset = writing.long() * b  # [R] where the current block starts in the chunk
-        logits = logits.gather(1, (offset[:, None] + torch.arange(b, device=device))[..., None].expand(-1, -1, logits.shape[-1]))
+        logits = logits.gather(
+            1, (offset[:, None] + torch.arange(b, device=device))[..., None].expand(-1, -1, logits.shape[-1])
+        )
         cache.lengths += offset  # the written clean blocks are kept
 
         # every row draws a token at every position of its block and commits some of them
-        uniforms = torch.stack([torch.rand(b, generator=generators[r]) for r in rows.tolist()])  # per sequence: no batch effects
-        response_index = cache.lengths[:, None] + torch.arange(b, device=device)[None] - prompt_len[rows, None]
+        uniforms = torch.stack(
+            [torch.rand(b, generator=generators[r]) for r in rows.tolist()]
+        )  # per sequence: no batch effects
+        response_index = (
+            cache.lengths[:, None] + torch.arange(b, device=device)[None] - prompt_len[rows, None]
+        )
         banned = banned_tokens(cfg, logits.shape[-1], pad_id, stop_ids, response_index)
-        tokens, confidence, logp = sample_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms.to(device), banned)
-        quota = torch.tensor([static_quota(m, cfg.denoising_steps, s) for m, s in zip(to_commit.tolist(), step.tolist())],
-                             device=device)
+        tokens, confidence, logp = sample_tokens(
+            logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms.to(device), banned
+        )
+        quota = torch.tensor(
+            [static_quota(m, cfg.denoising_steps, s) for m, s in zip(to_commit.tolist(), step.tolist())],
+            device=device,
+        )
         commit = choose_commits(confidence, masked, cfg.strategy, cfg.threshold, quota)
         block = torch.where(commit, tokens, block)
         step_map = torch.where(commit, step[:, None], step_map)
@@ -322,7 +359,20 @@ def generate(model, prompts, generators, cfg, stop_ids):
             cache.keep(order)
             keep = torch.tensor(order, dtype=torch.long, device=device)
             rows, block, masked, new, to_commit, step, step_map, logprobs, writing, completed_block = (
-                t[keep] for t in (rows, block, masked, new, to_commit, step, step_map, logprobs, writing, completed_block))
+                t[keep]
+                for t in (
+                    rows,
+                    block,
+                    masked,
+                    new,
+                    to_commit,
+                    step,
+                    step_map,
+                    logprobs,
+                    writing,
+                    completed_block,
+                )
+            )
     return results
 
 
@@ -357,14 +407,30 @@ def lmdeploy_settings(cfg, block_size, eos_id=None):
     step_map), --estimator exact refuses engine rollouts."""
     steps = block_size if cfg.strategy == "sequential" else cfg.denoising_steps
     if cfg.strategy == "low_confidence_static" and block_size % steps:
-        raise ValueError(f"--engine lmdeploy: --denoising-steps {steps} must divide the block size {block_size} "
-                         "(LMDeploy commits block_size // steps tokens per step)")
+        raise ValueError(
+            f"--engine lmdeploy: --denoising-steps {steps} must divide the block size {block_size} "
+            "(LMDeploy commits block_size // steps tokens per step)"
+        )
     if cfg.dtype != "bfloat16":
-        raise ValueError("--engine lmdeploy computes in bfloat16 (or float16), not float32: pass --dtype bfloat16")
-    engine = {"dllm_block_length": block_size, "dllm_unmasking_strategy": cfg.strategy, "dllm_denoising_steps": steps,
-              "dllm_confidence_threshold": cfg.threshold, "dtype": "bfloat16", "tp": cfg.tp}
-    generation = {"do_sample": cfg.temperature > 0, "temperature": cfg.temperature, "top_k": cfg.top_k,
-                  "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "logprobs": 1}
+        raise ValueError(
+            "--engine lmdeploy computes in bfloat16 (or float16), not float32: pass --dtype bfloat16"
+        )
+    engine = {
+        "dllm_block_length": block_size,
+        "dllm_unmasking_strategy": cfg.strategy,
+        "dllm_denoising_steps": steps,
+        "dllm_confidence_threshold": cfg.threshold,
+        "dtype": "bfloat16",
+        "tp": cfg.tp,
+    }
+    generation = {
+        "do_sample": cfg.temperature > 0,
+        "temperature": cfg.temperature,
+        "top_k": cfg.top_k,
+        "top_p": cfg.top_p,
+        "max_new_tokens": cfg.max_new_tokens,
+        "logprobs": 1,
+    }
     if cfg.min_new_tokens > 0:
         generation["min_new_tokens"] = cfg.min_new_tokens
     if cfg.ban_eos:
@@ -381,8 +447,10 @@ def record_from_engine(prompt_len, token_ids, step_map, logprobs, finish_reason,
     refused rather than guessed. logprobs: LMDeploy's per-token {token id: logprob} dicts
     (None when the engine gave none: the caller re-scores)."""
     if len(step_map) != len(token_ids) or (logprobs is not None and len(logprobs) != len(token_ids)):
-        raise ValueError(f"--engine lmdeploy: {len(token_ids)} tokens but {len(step_map)} step_map entries"
-                         + ("" if logprobs is None else f" and {len(logprobs)} logprobs"))
+        raise ValueError(
+            f"--engine lmdeploy: {len(token_ids)} tokens but {len(step_map)} step_map entries"
+            + ("" if logprobs is None else f" and {len(logprobs)} logprobs")
+        )
     if finish_reason not in ("stop", "length"):
         raise ValueError(f"--engine lmdeploy: finish_reason {finish_reason!r} (expected stop or length)")
     counters = {}  # block -> the counters of its tokens
@@ -390,7 +458,9 @@ def record_from_engine(prompt_len, token_ids, step_map, logprobs, finish_reason,
         counters.setdefault((prompt_len + i) // block_size, []).append(s)
     for block, members in counters.items():
         if sorted(set(members)) != list(range(min(members), max(members) + 1)):
-            raise ValueError(f"--engine lmdeploy: block {block}'s step counters {members} are not consecutive")
+            raise ValueError(
+                f"--engine lmdeploy: block {block}'s step counters {members} are not consecutive"
+            )
     first = {block: min(members) for block, members in counters.items()}
     local = [s - first[(prompt_len + i) // block_size] for i, s in enumerate(step_map)]
     lps = None
@@ -399,7 +469,9 @@ def record_from_engine(prompt_len, token_ids, step_map, logprobs, finish_reason,
         for i, (token, scores) in enumerate(zip(token_ids, logprobs)):
             scores = {int(k): float(v) for k, v in scores.items()}
             if token not in scores:
-                raise ValueError(f"--engine lmdeploy: token {i} ({token}) has no logprob in the engine output")
+                raise ValueError(
+                    f"--engine lmdeploy: token {i} ({token}) has no logprob in the engine output"
+                )
             lps.append(scores[token])
     return list(token_ids), local, lps, finish_reason
 
@@ -409,14 +481,18 @@ def require_lmdeploy():
     try:
         import lmdeploy  # optional, requirements-gpu.txt
     except ImportError:
-        raise ValueError("--engine lmdeploy: lmdeploy is not installed (pip install -r requirements-gpu.txt on a CUDA machine)") from None
+        raise ValueError(
+            "--engine lmdeploy: lmdeploy is not installed (pip install -r requirements-gpu.txt on a CUDA machine)"
+        ) from None
     from lmdeploy.messages import Response
 
     if "step_map" not in getattr(Response, "__dataclass_fields__", {}):
-        raise ValueError(f"--engine lmdeploy: this LMDeploy build ({lmdeploy.__version__}) does not return the step at "
-                         "which each token was unmasked (Response.step_map); DiPO replays exactly those states, so "
-                         "rollouts without it cannot be trained on. Use --engine torch, or a build with DiRL's patch "
-                         "(README, \"LMDeploy\").")
+        raise ValueError(
+            f"--engine lmdeploy: this LMDeploy build ({lmdeploy.__version__}) does not return the step at "
+            "which each token was unmasked (Response.step_map); DiPO replays exactly those states, so "
+            "rollouts without it cannot be trained on. Use --engine torch, or a build with DiRL's patch "
+            '(README, "LMDeploy").'
+        )
     return lmdeploy
 
 
@@ -425,11 +501,19 @@ def lmdeploy_generate(policy, texts, seeds, cfg, block_size, eos_id):
     Response.step_map required. Returns the Response objects."""
     lmdeploy = require_lmdeploy()
     engine, generation = lmdeploy_settings(cfg, block_size, eos_id)
-    GenerationConfig, PytorchEngineConfig, pipeline = lmdeploy.GenerationConfig, lmdeploy.PytorchEngineConfig, lmdeploy.pipeline
+    GenerationConfig, PytorchEngineConfig, pipeline = (
+        lmdeploy.GenerationConfig,
+        lmdeploy.PytorchEngineConfig,
+        lmdeploy.pipeline,
+    )
     with tempfile.TemporaryDirectory() as view:
         pipe = pipeline(str(engine_view(policy, Path(view))), backend_config=PytorchEngineConfig(**engine))
         try:  # the prompts are rendered already: no chat template on top
-            return pipe(texts, gen_config=[GenerationConfig(**generation, random_seed=s) for s in seeds], do_preprocess=False)
+            return pipe(
+                texts,
+                gen_config=[GenerationConfig(**generation, random_seed=s) for s in seeds],
+                do_preprocess=False,
+            )
         finally:
             pipe.close()
 
@@ -454,21 +538,30 @@ def rescore(model, records, micro_batch_size):
     scores = [[0.0] * len(r["response_ids"]) for r in records]
     c = model.config
     for start in range(0, len(records), micro_batch_size):
-        chunk = records[start:start + micro_batch_size]
+        chunk = records[start : start + micro_batch_size]
         documents, where = [], []  # where: (document, round, position) of every committed token
         for d, r in enumerate(chunk):
-            noisy_from, rounds, copies = attention.replay_copies(r["prompt_ids"], r["response_ids"], r["step_map"],
-                                                                 c.mask_token_id, c.block_size)
+            noisy_from, rounds, copies = attention.replay_copies(
+                r["prompt_ids"], r["response_ids"], r["step_map"], c.mask_token_id, c.block_size
+            )
             documents.append((list(r["prompt_ids"]) + list(r["response_ids"]), noisy_from, copies))
             where += [(d, rounds.index(s), len(r["prompt_ids"]) + t) for t, s in enumerate(r["step_map"])]
-        input_ids, layout, rows, first = attention.pack_copies(documents, c.block_size, c.eos_token_id, row_len=0)
+        input_ids, layout, rows, first = attention.pack_copies(
+            documents, c.block_size, c.eos_token_id, row_len=0
+        )
         row_of = {d: k for k, row in enumerate(rows) for d in row}
         at_rows = torch.tensor([row_of[d] for d, _, _ in where])
-        at_cols = torch.tensor([attention.copy_column(first[d], len(documents[d][0]), documents[d][1], k, pos)
-                                for d, k, pos in where])
+        at_cols = torch.tensor(
+            [
+                attention.copy_column(first[d], len(documents[d][0]), documents[d][1], k, pos)
+                for d, k, pos in where
+            ]
+        )
         tokens = torch.tensor([documents[d][0][pos] for d, _, pos in where])
         with torch.no_grad():
-            logits = attention.forward_layout(model, input_ids.to(model.device), layout, at=(at_rows, at_cols)).float()
+            logits = attention.forward_layout(
+                model, input_ids.to(model.device), layout, at=(at_rows, at_cols)
+            ).float()
             logp = torch.log_softmax(logits, -1).gather(-1, tokens.to(model.device)[:, None])[:, 0].tolist()
         for (d, _, pos), v in zip(where, logp):
             scores[start + d][pos - len(chunk[d]["prompt_ids"])] = v
@@ -482,10 +575,13 @@ def lmdeploy_results(policy, texts, prompt_ids, seeds, cfg, block_size, eos_id):
     results = []
     for ids, resp in zip(prompt_ids, responses):
         if resp.input_token_len != len(ids):
-            raise ValueError(f"--engine lmdeploy: the engine read {resp.input_token_len} prompt tokens where our "
-                             f"tokenizer has {len(ids)}: the checkpoint's tokenizers differ")
-        response, step_map, logprobs, finish = record_from_engine(len(ids), resp.token_ids, resp.step_map, resp.logprobs,
-                                                                  resp.finish_reason, block_size)
+            raise ValueError(
+                f"--engine lmdeploy: the engine read {resp.input_token_len} prompt tokens where our "
+                f"tokenizer has {len(ids)}: the checkpoint's tokenizers differ"
+            )
+        response, step_map, logprobs, finish = record_from_engine(
+            len(ids), resp.token_ids, resp.step_map, resp.logprobs, resp.finish_reason, block_size
+        )
         results.append(dict(response_ids=response, step_map=step_map, logprobs=logprobs, finish=finish))
     return results
 
@@ -499,10 +595,18 @@ def check_engine_logprobs(model, records, sample_size):
         r["logprobs"] = scores
     if missing:
         return {"engine_logprobs": False}
-    sample = records[::max(1, len(records) // max(1, sample_size))]
-    gaps = [abs(a - b) for r, scores in zip(sample, rescore(model, sample, 4)) for a, b in zip(r["logprobs"], scores)]
-    return {"engine_logprobs": True, "engine_mismatch_mean": sum(gaps) / max(1, len(gaps)),
-            "engine_mismatch_max": max(gaps, default=0.0), "engine_mismatch_records": len(sample)}
+    sample = records[:: max(1, len(records) // max(1, sample_size))]
+    gaps = [
+        abs(a - b)
+        for r, scores in zip(sample, rescore(model, sample, 4))
+        for a, b in zip(r["logprobs"], scores)
+    ]
+    return {
+        "engine_logprobs": True,
+        "engine_mismatch_mean": sum(gaps) / max(1, len(gaps)),
+        "engine_mismatch_max": max(gaps, default=0.0),
+        "engine_mismatch_records": len(sample),
+    }
 
 
 # ----------------------------------------------------------------------------- main
@@ -514,7 +618,7 @@ def output_path(cfg):
         if not cfg.out:
             raise ValueError("--policy needs --out (the run's rollout files belong to its own latest policy)")
         name = Path(cfg.policy).name
-        step = int(name[len("step_"):]) if name.startswith("step_") and name[len("step_"):].isdigit() else 0
+        step = int(name[len("step_") :]) if name.startswith("step_") and name[len("step_") :].isdigit() else 0
         return step, Path(cfg.policy), Path(cfg.out)
     step, policy = common.latest_policy(cfg.run)
     return step, policy, Path(cfg.out) if cfg.out else Path(cfg.run) / "rollouts" / f"step_{step:06d}.jsonl"
@@ -531,32 +635,53 @@ def main(cfg):
         require_lmdeploy()  # refuse before anything is loaded
     step, policy, out = output_path(cfg)
     if out.exists() and not cfg.force:  # written atomically, so it is whole: a rerun loop moves on
-        print(f"rollout: {out} already exists (policy step {step} was sampled); keeping it (--force resamples)")
+        print(
+            f"rollout: {out} already exists (policy step {step} was sampled); keeping it (--force resamples)"
+        )
         return
     rank, world, device = common.init_distributed(cfg.device)  # under torchrun each process samples a share
     if cfg.engine == "lmdeploy" and world > 1:
-        raise ValueError("--engine lmdeploy runs in one process (LMDeploy shards the model itself: --tp); drop torchrun")
+        raise ValueError(
+            "--engine lmdeploy runs in one process (LMDeploy shards the model itself: --tp); drop torchrun"
+        )
     if not cfg.policy and rank == 0:
         common.record_invocation(cfg.run, "rollout", cfg)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    if cfg.engine == "lmdeploy":  # our model waits on the CPU until the engine is done, then re-scores in float32
+    if (
+        cfg.engine == "lmdeploy"
+    ):  # our model waits on the CPU until the engine is done, then re-scores in float32
         model, tokenizer = attention.load_model(str(policy), dtype=torch.float32, device="cpu", attn="sdpa")
     else:
         model, tokenizer = attention.load_model(str(policy), dtype=dtype, device=device, attn="sdpa")
     model.eval()
     if cfg.block_size and cfg.block_size != model.config.block_size:
-        raise ValueError(f"--block-size {cfg.block_size} differs from the checkpoint's {model.config.block_size} ({policy})")
+        raise ValueError(
+            f"--block-size {cfg.block_size} differs from the checkpoint's {model.config.block_size} ({policy})"
+        )
     instruction = model.config.instruction if cfg.instruction == "auto" else cfg.instruction
-    stop_ids = {tokenizer.convert_tokens_to_ids(attention.IM_END)} | (set() if cfg.ban_eos else {tokenizer.eos_token_id})
+    stop_ids = {tokenizer.convert_tokens_to_ids(attention.IM_END)} | (
+        set() if cfg.ban_eos else {tokenizer.eos_token_id}
+    )
     try:
         prompts = grader.load_prompts(cfg.data)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{cfg.data}: {e}") from None
     chosen = select_prompts(cfg.num_prompts, len(prompts), cfg.seed, step)
-    sampler = {"block_size": model.config.block_size, "mask_token_id": model.config.mask_token_id, "strategy": cfg.strategy, "threshold": cfg.threshold,
-               "denoising_steps": cfg.denoising_steps, "temperature": cfg.temperature, "top_k": cfg.top_k,
-               "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "engine": cfg.engine, "seed": cfg.seed,
-               "ban_eos": cfg.ban_eos, "min_new_tokens": cfg.min_new_tokens}
+    sampler = {
+        "block_size": model.config.block_size,
+        "mask_token_id": model.config.mask_token_id,
+        "strategy": cfg.strategy,
+        "threshold": cfg.threshold,
+        "denoising_steps": cfg.denoising_steps,
+        "temperature": cfg.temperature,
+        "top_k": cfg.top_k,
+        "top_p": cfg.top_p,
+        "max_new_tokens": cfg.max_new_tokens,
+        "engine": cfg.engine,
+        "seed": cfg.seed,
+        "ban_eos": cfg.ban_eos,
+        "min_new_tokens": cfg.min_new_tokens,
+    }
 
     jobs = [(i, j) for i in chosen for j in range(cfg.group_size)]  # (prompt index, sample index)
     texts = {i: attention.render_prompt(prompts[i]["question"], instruction) for i in chosen}
@@ -564,39 +689,67 @@ def main(cfg):
     jobs = jobs[rank::world]
     records, t0, new_tokens = [], time.time(), 0
     bar = tqdm(total=len(jobs), desc=f"rollout step {step}", unit="seq", disable=rank != 0)
-    for batch in ([jobs] if cfg.engine == "lmdeploy" else
-                  [jobs[start:start + cfg.batch_size] for start in range(0, len(jobs), cfg.batch_size)]):
+    for batch in (
+        [jobs]
+        if cfg.engine == "lmdeploy"
+        else [jobs[start : start + cfg.batch_size] for start in range(0, len(jobs), cfg.batch_size)]
+    ):
         seeds = [sequence_seed(cfg.seed, step, i, j) for i, j in batch]
         if cfg.engine == "lmdeploy":
-            results = lmdeploy_results(policy, [texts[i] for i, _ in batch], [prompt_ids[i] for i, _ in batch], seeds, cfg,
-                                       model.config.block_size, tokenizer.eos_token_id)
+            results = lmdeploy_results(
+                policy,
+                [texts[i] for i, _ in batch],
+                [prompt_ids[i] for i, _ in batch],
+                seeds,
+                cfg,
+                model.config.block_size,
+                tokenizer.eos_token_id,
+            )
         else:
             generators = [torch.Generator().manual_seed(seed) for seed in seeds]
             results = generate(model, [prompt_ids[i] for i, _ in batch], generators, cfg, stop_ids)
         for (i, j), res in zip(batch, results):
             response = res["response_ids"]
-            text = tokenizer.decode(response[:stop_index(response, stop_ids)])
+            text = tokenizer.decode(response[: stop_index(response, stop_ids)])
             prompt = prompts[i]
-            records.append({
-                "policy_step": step, "prompt_id": str(i), "question": prompt["question"],
-                "ground_truth_answer": prompt["ground_truth_answer"], "prompt_ids": prompt_ids[i],
-                "response_ids": response, "step_map": res["step_map"], "logprobs": res["logprobs"], "text": text,
-                "reward": grader.grade(text, prompt["ground_truth_answer"], answer_format=cfg.answer_format),
-                "finish": res["finish"], "sampler": sampler,
-                **{k: v for k, v in prompt.items() if k not in ("question", "ground_truth_answer")},
-            })
+            records.append(
+                {
+                    "policy_step": step,
+                    "prompt_id": str(i),
+                    "question": prompt["question"],
+                    "ground_truth_answer": prompt["ground_truth_answer"],
+                    "prompt_ids": prompt_ids[i],
+                    "response_ids": response,
+                    "step_map": res["step_map"],
+                    "logprobs": res["logprobs"],
+                    "text": text,
+                    "reward": grader.grade(
+                        text, prompt["ground_truth_answer"], answer_format=cfg.answer_format
+                    ),
+                    "finish": res["finish"],
+                    "sampler": sampler,
+                    **{k: v for k, v in prompt.items() if k not in ("question", "ground_truth_answer")},
+                }
+            )
             new_tokens += len(response)
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{new_tokens / (time.time() - t0):.0f}")
     bar.close()
-    engine_check = check_engine_logprobs(model.to(device), records, cfg.rescore) if cfg.engine == "lmdeploy" else {}
+    engine_check = (
+        check_engine_logprobs(model.to(device), records, cfg.rescore) if cfg.engine == "lmdeploy" else {}
+    )
     if world > 1:  # every process writes its share; process 0 interleaves them back into job order
         part = out.with_name(f"{out.name}.rank{rank}.part")
         common.write_atomic(part, "".join(json.dumps(r) + "\n" for r in records))
         torch.distributed.barrier()
         if rank == 0:
-            parts = [[json.loads(line) for line in out.with_name(f"{out.name}.rank{r}.part").read_text().splitlines()]
-                     for r in range(world)]
+            parts = [
+                [
+                    json.loads(line)
+                    for line in out.with_name(f"{out.name}.rank{r}.part").read_text().splitlines()
+                ]
+                for r in range(world)
+            ]
             records = [parts[k % world][k // world] for k in range(sum(map(len, parts)))]
         torch.distributed.barrier()  # every part is read before any is removed
         part.unlink()
@@ -606,20 +759,32 @@ def main(cfg):
     seconds = time.time() - t0
     n = max(1, len(records))
     new_tokens = sum(len(r["response_ids"]) for r in records)
-    summary = {"stage": "rollout", "step": step, "reward": sum(r["reward"] for r in records) / n,
-               "response_tokens": new_tokens / n,
-               "tokens_per_forward": new_tokens / max(1, sum(grader.forwards_of(r) for r in records)),
-               "truncated": sum(r["finish"] == "length" for r in records) / n, "seconds": seconds,
-               "tokens_per_s": new_tokens / seconds, **engine_check}
-    if not cfg.policy:  # before the file, the commit point: a kill in between repeats the line, never loses it
+    summary = {
+        "stage": "rollout",
+        "step": step,
+        "reward": sum(r["reward"] for r in records) / n,
+        "response_tokens": new_tokens / n,
+        "tokens_per_forward": new_tokens / max(1, sum(grader.forwards_of(r) for r in records)),
+        "truncated": sum(r["finish"] == "length" for r in records) / n,
+        "seconds": seconds,
+        "tokens_per_s": new_tokens / seconds,
+        **engine_check,
+    }
+    if (
+        not cfg.policy
+    ):  # before the file, the commit point: a kill in between repeats the line, never loses it
         common.append_metrics(cfg.run, summary)
     common.write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
-    print(f"rollout step {step}: {len(records)} responses to {len(chosen)} prompts -> {out} | reward {summary['reward']:.3f} | "
-          f"{summary['response_tokens']:.1f} tokens/response | {summary['tokens_per_forward']:.2f} tokens/forward | "
-          f"truncated {summary['truncated']:.1%} | {seconds:.1f} s")
+    print(
+        f"rollout step {step}: {len(records)} responses to {len(chosen)} prompts -> {out} | reward {summary['reward']:.3f} | "
+        f"{summary['response_tokens']:.1f} tokens/response | {summary['tokens_per_forward']:.2f} tokens/forward | "
+        f"truncated {summary['truncated']:.1%} | {seconds:.1f} s"
+    )
     if engine_check.get("engine_logprobs"):
-        print(f"engine-trainer logprob gap over {engine_check['engine_mismatch_records']} re-scored records: mean "
-              f"{engine_check['engine_mismatch_mean']:.1e} max {engine_check['engine_mismatch_max']:.1e}")
+        print(
+            f"engine-trainer logprob gap over {engine_check['engine_mismatch_records']} re-scored records: mean "
+            f"{engine_check['engine_mismatch_mean']:.1e} max {engine_check['engine_mismatch_max']:.1e}"
+        )
     elif engine_check:
         print("the engine returned no logprobs: every record's logprobs are our model's re-score")
 

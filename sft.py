@@ -49,13 +49,25 @@ import attention
 import common
 from common import flag
 
-RUN_FIELDS = {"resume", "save_every", "log_every", "threads", "grad_checkpointing", "row_len", "grad_accum", "attn", "device"}
+RUN_FIELDS = {
+    "resume",
+    "save_every",
+    "log_every",
+    "threads",
+    "grad_checkpointing",
+    "row_len",
+    "grad_accum",
+    "attn",
+    "device",
+}
 
 
 @dataclass
 class Config:
     model: str = flag("tiny", "'tiny' or a model dir (SDAR checkpoint or one of ours)")
-    data: str = flag("data/arith_sft.jsonl", "SFT data: JSON list or JSONL of {messages} or {prompt, response}")
+    data: str = flag(
+        "data/arith_sft.jsonl", "SFT data: JSON list or JSONL of {messages} or {prompt, response}"
+    )
     run: str = flag("runs/arith", "run directory (created); its layout: docs/design.md")
     steps: int = flag(2000, "optimizer steps (about 8 minutes on 2 CPU cores with the defaults)")
     epochs: float = flag(0.0, "if > 0, train this many passes over the data instead of --steps")
@@ -69,7 +81,9 @@ class Config:
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)")
     block_size: int = flag(0, "block size; 0 = the checkpoint's (4 for 'tiny' and SDAR)")
     max_len: int = flag(256, "longest document in tokens after block padding (a multiple of the block size)")
-    overlong: str = flag("skip", "documents longer than --max-len: 'skip' or 'truncate' (the response); counted either way")
+    overlong: str = flag(
+        "skip", "documents longer than --max-len: 'skip' or 'truncate' (the response); counted either way"
+    )
     eps: float = flag(1e-3, "smallest mask rate: p = (1 - eps) t + eps")
     instruction: str = flag("auto", "sentence appended to {prompt} records; 'auto' = the checkpoint's")
     dtype: str = flag("float32", "compute dtype: float32, or bfloat16 (autocast; weights stay float32)")
@@ -79,7 +93,9 @@ class Config:
     eval_docs: int = flag(256, "documents held out of training for the final held-out loss")
     save_every: int = flag(100, "save the run (weights + optimizer) every this many steps")
     log_every: int = flag(25, "one log line and one metrics.jsonl line every this many steps")
-    resume: bool = flag(False, "continue from runs/<run>/sft/ (same settings) instead of refusing an existing run")
+    resume: bool = flag(
+        False, "continue from runs/<run>/sft/ (same settings) instead of refusing an existing run"
+    )
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass to save memory")
     threads: int = flag(0, "torch CPU threads (0 = torch's default)")
 
@@ -174,12 +190,22 @@ def to_texts(record, instruction):
     if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
         messages = record["messages"]
         last = messages[-1]
-        if not isinstance(last, dict) or last.get("role") != "assistant" or not isinstance(last.get("content"), str):
+        if (
+            not isinstance(last, dict)
+            or last.get("role") != "assistant"
+            or not isinstance(last.get("content"), str)
+        ):
             raise ValueError("the last message must be an assistant turn with string content")
         prompt = attention.render_chat(messages[:-1], add_generation_prompt=True)
         return prompt, last["content"] + attention.IM_END + "\n"
-    if isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
-        return attention.render_prompt(record["prompt"], instruction), record["response"] + attention.IM_END + "\n"
+    if (
+        isinstance(record, dict)
+        and isinstance(record.get("prompt"), str)
+        and isinstance(record.get("response"), str)
+    ):
+        return attention.render_prompt(record["prompt"], instruction), record[
+            "response"
+        ] + attention.IM_END + "\n"
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
     raise ValueError(f"need 'messages' or 'prompt' + 'response' (have {keys})")
 
@@ -218,7 +244,8 @@ def run_micro_batch(model, docs, positions, cfg, docs_in_batch, device, dtype):
         noises.append(noise_document(len(prompt), len(prompt) + len(response), cfg.eps, g))
     c = model.config
     input_ids, layout, rows, cols, targets, weights = build_micro_batch(
-        docs, noises, c.block_size, c.mask_token_id, c.eos_token_id, cfg.row_len, docs_in_batch)
+        docs, noises, c.block_size, c.mask_token_id, c.eos_token_id, cfg.row_len, docs_in_batch
+    )
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         logits = attention.forward_layout(model, input_ids.to(device), layout, at=(rows, cols))  # [M, V]
     targets, weights = targets.to(device), weights.to(device)
@@ -233,7 +260,7 @@ def held_out_loss(model, docs, cfg, device, dtype):
     totals = torch.zeros(3)
     with torch.no_grad():
         for start in range(0, len(docs), cfg.batch_size):
-            chunk = docs[start:start + cfg.batch_size]
+            chunk = docs[start : start + cfg.batch_size]
             positions = [-(start + j + 1) for j in range(len(chunk))]  # negative: never a training position
             loss, hits, masked, _ = run_micro_batch(model, chunk, positions, cfg, len(docs), device, dtype)
             totals += torch.tensor([loss.item(), hits, masked])
@@ -251,18 +278,29 @@ def main(cfg):
     if cfg.overlong not in ("skip", "truncate"):
         raise ValueError(f"--overlong must be 'skip' or 'truncate', not {cfg.overlong!r}")
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"--batch-size {cfg.batch_size} must divide into {world} processes x {cfg.grad_accum} micro-batches")
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} must divide into {world} processes x {cfg.grad_accum} micro-batches"
+        )
     trainer_state = None
     if cfg.resume and (save_dir / "trainer_state.pt").is_file():
         trainer_state = torch.load(save_dir / "trainer_state.pt", weights_only=True)
-        changed = {k: (v, getattr(cfg, k)) for k, v in trainer_state["config"].items()
-                   if k not in RUN_FIELDS and v != getattr(cfg, k)}
+        changed = {
+            k: (v, getattr(cfg, k))
+            for k, v in trainer_state["config"].items()
+            if k not in RUN_FIELDS and v != getattr(cfg, k)
+        }
         if changed:
-            raise ValueError(f"{save_dir}: saved with other settings {changed} (saved, now); resume with the same ones")
+            raise ValueError(
+                f"{save_dir}: saved with other settings {changed} (saved, now); resume with the same ones"
+            )
     elif not cfg.resume and (save_dir.exists() or (run / "policy").exists()):
-        raise ValueError(f"{run} already holds an SFT run; pass --resume to continue it or choose another --run")
+        raise ValueError(
+            f"{run} already holds an SFT run; pass --resume to continue it or choose another --run"
+        )
 
-    model, tokenizer = attention.load_model(str(save_dir) if trainer_state else cfg.model, attn=cfg.attn, seed=cfg.seed)
+    model, tokenizer = attention.load_model(
+        str(save_dir) if trainer_state else cfg.model, attn=cfg.attn, seed=cfg.seed
+    )
     block_size = cfg.block_size or model.config.block_size
     if cfg.max_len % block_size:
         raise ValueError(f"--max-len {cfg.max_len} is not a multiple of the block size {block_size}")
@@ -271,10 +309,12 @@ def main(cfg):
     model.config.instruction = instruction
     docs, overlong = load_documents(cfg.data, tokenizer, instruction, block_size, cfg.max_len, cfg.overlong)
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    held_out = [docs[i] for i in order[:cfg.eval_docs]]
-    train = [docs[i] for i in order[cfg.eval_docs:]]
+    held_out = [docs[i] for i in order[: cfg.eval_docs]]
+    train = [docs[i] for i in order[cfg.eval_docs :]]
     if not train:
-        raise ValueError(f"{cfg.data}: no training documents left ({len(docs)} usable, {cfg.eval_docs} held out, {overlong} overlong)")
+        raise ValueError(
+            f"{cfg.data}: no training documents left ({len(docs)} usable, {cfg.eval_docs} held out, {overlong} overlong)"
+        )
     total_steps = math.ceil(cfg.epochs * len(train) / cfg.batch_size) if cfg.epochs > 0 else cfg.steps
 
     model.to(device)
@@ -282,9 +322,12 @@ def main(cfg):
         model.gradient_checkpointing_enable()
     if world > 1:
         common.shard_model(model, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    )
     start = 0
     if trainer_state:
         common.load_optimizer_state(model, optimizer, trainer_state["optimizer"])
@@ -293,15 +336,22 @@ def main(cfg):
     if rank == 0:
         common.record_invocation(run, "sft", cfg)
         params = sum(p.numel() for p in model.parameters())
-        print(f"sft: {cfg.model} ({params / 1e6:.2f}M params, block {block_size}) on {world} x {device}; "
-              f"{len(train)} train / {len(held_out)} held-out docs from {cfg.data}; "
-              f"{overlong} longer than {cfg.max_len} tokens {'skipped' if cfg.overlong == 'skip' else 'truncated'}; "
-              f"steps {start} -> {total_steps}")
+        print(
+            f"sft: {cfg.model} ({params / 1e6:.2f}M params, block {block_size}) on {world} x {device}; "
+            f"{len(train)} train / {len(held_out)} held-out docs from {cfg.data}; "
+            f"{overlong} longer than {cfg.max_len} tokens {'skipped' if cfg.overlong == 'skip' else 'truncated'}; "
+            f"steps {start} -> {total_steps}"
+        )
 
     def save(step):
         model_sd, optim_sd = common.full_state(model, optimizer)  # a collective: every process
         if rank == 0:
-            state = {"step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(), "config": dataclasses.asdict(cfg)}
+            state = {
+                "step": step,
+                "optimizer": optim_sd,
+                "scheduler": scheduler.state_dict(),
+                "config": dataclasses.asdict(cfg),
+            }
             attention.save_checkpoint(model, tokenizer, save_dir, state_dict=model_sd, trainer_state=state)
         return model_sd
 
@@ -312,15 +362,20 @@ def main(cfg):
         per_micro = len(mine) // cfg.grad_accum
         stats = torch.zeros(4)  # loss, hits, masked tokens, row tokens
         for m in range(cfg.grad_accum):
-            part = mine[m * per_micro:(m + 1) * per_micro]
+            part = mine[m * per_micro : (m + 1) * per_micro]
             loss, hits, masked, tokens = run_micro_batch(
-                model, [train[d] for _, d in part], [i for i, _ in part], cfg, cfg.batch_size, device, dtype)
+                model, [train[d] for _, d in part], [i for i, _ in part], cfg, cfg.batch_size, device, dtype
+            )
             loss.backward()
             stats += torch.tensor([loss.item(), hits, masked, tokens])
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        )
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"step {step}: gradient norm {grad_norm.item()}; nothing saved past step {start}")
+            raise FloatingPointError(
+                f"step {step}: gradient norm {grad_norm.item()}; nothing saved past step {start}"
+            )
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -331,13 +386,22 @@ def main(cfg):
         done = step + 1
         if done % cfg.log_every == 0 or done == total_steps:
             elapsed, t0 = time.time() - t0, time.time()
-            record = {"stage": "sft", "step": done, "loss": stats[0].item(), "acc": stats[1].item() / max(1, stats[2].item()),
-                      "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since / elapsed}
+            record = {
+                "stage": "sft",
+                "step": done,
+                "loss": stats[0].item(),
+                "acc": stats[1].item() / max(1, stats[2].item()),
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "tokens_per_s": tokens_since / elapsed,
+            }
             tokens_since = 0
             if rank == 0:
                 common.append_metrics(run, record)
-                bar.write(f"step {done:>5}/{total_steps} | loss {record['loss']:.4f} | acc {record['acc']:.3f} | "
-                          f"lr {lr:.2e} | grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s")
+                bar.write(
+                    f"step {done:>5}/{total_steps} | loss {record['loss']:.4f} | acc {record['acc']:.3f} | "
+                    f"lr {lr:.2e} | grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s"
+                )
         if done % cfg.save_every == 0 and done < total_steps:
             save(done)
     bar.close()
@@ -346,14 +410,20 @@ def main(cfg):
     if held_out:
         loss, acc = held_out_loss(model, held_out, cfg, device, dtype)
         if rank == 0:
-            common.append_metrics(run, {"stage": "sft", "step": total_steps, "held_out_loss": loss, "held_out_acc": acc})
-            print(f"held-out ({len(held_out)} docs): diffusion loss {loss:.4f}, masked-token accuracy {acc:.3f}")
+            common.append_metrics(
+                run, {"stage": "sft", "step": total_steps, "held_out_loss": loss, "held_out_acc": acc}
+            )
+            print(
+                f"held-out ({len(held_out)} docs): diffusion loss {loss:.4f}, masked-token accuracy {acc:.3f}"
+            )
     if rank == 0:
         attention.save_checkpoint(model, tokenizer, common.policy_dir(run, 0), state_dict=model_sd)
         common.publish_policy(run, 0)
-        print(f"wrote {common.policy_dir(run, 0)}; exact-match accuracy on the test split:\n"
-              f"  python rollout.py --policy {common.policy_dir(run, 0)} --data data/arith_test.jsonl "
-              f"--num-prompts 0 --group-size 1 --out {run}/eval/sft.jsonl && python eval.py {run}/eval/sft.jsonl")
+        print(
+            f"wrote {common.policy_dir(run, 0)}; exact-match accuracy on the test split:\n"
+            f"  python rollout.py --policy {common.policy_dir(run, 0)} --data data/arith_test.jsonl "
+            f"--num-prompts 0 --group-size 1 --out {run}/eval/sft.jsonl && python eval.py {run}/eval/sft.jsonl"
+        )
     if world > 1:
         torch.distributed.barrier()  # rank 0 is still writing; leaving early aborts the group
         torch.distributed.destroy_process_group()

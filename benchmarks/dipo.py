@@ -39,16 +39,21 @@ def synthetic_records(n, prompt_len, response_len, vocab, seed=0, block_size=4):
         for _ in range(response_len // block_size):
             steps = torch.randint(0, block_size, (block_size,), generator=g)
             step_map += (steps - steps.min()).tolist()
-        records.append({"prompt_ids": torch.randint(4, vocab, (prompt_len,), generator=g).tolist(),
-                        "response_ids": torch.randint(4, vocab, (response_len,), generator=g).tolist(),
-                        "step_map": step_map, "advantage": float(torch.randn((), generator=g))})
+        records.append(
+            {
+                "prompt_ids": torch.randint(4, vocab, (prompt_len,), generator=g).tolist(),
+                "response_ids": torch.randint(4, vocab, (response_len,), generator=g).tolist(),
+                "step_map": step_map,
+                "advantage": float(torch.randn((), generator=g)),
+            }
+        )
     return records
 
 
 def packed_loss(model, records, micro, mask_id):
     """dipo.py's way: all rounds of a response in one forward, LM head at scored tokens only."""
     for start in range(0, len(records), micro):
-        part = records[start:start + micro]
+        part = records[start : start + micro]
         batch = dipo.build_batch(part, mask_id, 4, 0, row_len=dipo.Config.row_len)
         logp = dipo.token_logprobs(model, batch, torch.device("cpu"), torch.float32)
         adv = torch.tensor([part[i]["advantage"] for i in batch[2]["record"].tolist()])
@@ -58,14 +63,18 @@ def packed_loss(model, records, micro, mask_id):
 def per_round_loss(model, records, micro, mask_id):
     """One forward per round, full logits, as DiRL/TraceRL compute them."""
     for start in range(0, len(records), micro):
-        part = records[start:start + micro]
+        part = records[start : start + micro]
         for s in range(4):
             members = [r for r in part if s in r["step_map"]]
             if not members:
                 continue
-            ids, layout, where = dipo.build_batch(members, mask_id, 4, 0, row_len=dipo.Config.row_len, rounds=[s])
+            ids, layout, where = dipo.build_batch(
+                members, mask_id, 4, 0, row_len=dipo.Config.row_len, rounds=[s]
+            )
             logits = attention.forward_layout(model, ids, layout)  # [B, N, V]
-            logp = torch.log_softmax(logits[where["row"], where["col"]].float(), -1).gather(-1, where["token"][:, None])[:, 0]
+            logp = torch.log_softmax(logits[where["row"], where["col"]].float(), -1).gather(
+                -1, where["token"][:, None]
+            )[:, 0]
             adv = torch.tensor([members[i]["advantage"] for i in where["record"].tolist()])
             (-(adv * logp).sum() / len(records)).backward()
 
@@ -90,11 +99,20 @@ def run_variant(args):
         times.append(time.perf_counter() - t)
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.save(grad, args.grad_out)
-    print(json.dumps({"seconds": min(times[1:]), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "seconds": min(times[1:]),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--responses", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=26)
     parser.add_argument("--response-len", type=int, default=32)
@@ -107,23 +125,46 @@ def main():
     args = parser.parse_args()
     if args.variant:
         return run_variant(args)
-    print(f"{args.responses} responses ({args.prompt_len} prompt + {args.response_len} response tokens, block 4), "
-          f"micro-batch {args.micro_batch_size}, {args.threads} thread(s); forward + backward, best of {args.repeats}")
+    print(
+        f"{args.responses} responses ({args.prompt_len} prompt + {args.response_len} response tokens, block 4), "
+        f"micro-batch {args.micro_batch_size}, {args.threads} thread(s); forward + backward, best of {args.repeats}"
+    )
     for name, vocab in (("tiny (vocab 100)", 100), (f"tiny body, SDAR vocab {SDAR_VOCAB:,}", SDAR_VOCAB)):
         result = {}
         for variant in ("packed", "per_round"):
             grad_out = f"/tmp/dirl_bench_grad_{variant}.pt"
-            cmd = [sys.executable, __file__, "--variant", variant, "--vocab", str(vocab), "--grad-out", grad_out,
-                   *[str(x) for k in ("responses", "prompt_len", "response_len", "micro_batch_size", "threads", "repeats")
-                     for x in (f"--{k.replace('_', '-')}", getattr(args, k))]]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--variant",
+                variant,
+                "--vocab",
+                str(vocab),
+                "--grad-out",
+                grad_out,
+                *[
+                    str(x)
+                    for k in (
+                        "responses",
+                        "prompt_len",
+                        "response_len",
+                        "micro_batch_size",
+                        "threads",
+                        "repeats",
+                    )
+                    for x in (f"--{k.replace('_', '-')}", getattr(args, k))
+                ],
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             result[variant] = json.loads(out.stdout.strip().splitlines()[-1])
             result[variant]["grad"] = torch.load(grad_out, weights_only=True)
         p, r = result["packed"], result["per_round"]
         gap = ((p["grad"] - r["grad"]).norm() / r["grad"].norm()).item()
-        print(f"  {name}: packed {p['seconds']:.2f} s, {p['peak_rss_mb']:.0f} MB | per-round {r['seconds']:.2f} s, "
-              f"{r['peak_rss_mb']:.0f} MB | time ratio {r['seconds'] / p['seconds']:.2f}x, "
-              f"memory ratio {r['peak_rss_mb'] / p['peak_rss_mb']:.2f}x | gradient relative gap {gap:.1e}")
+        print(
+            f"  {name}: packed {p['seconds']:.2f} s, {p['peak_rss_mb']:.0f} MB | per-round {r['seconds']:.2f} s, "
+            f"{r['peak_rss_mb']:.0f} MB | time ratio {r['seconds'] / p['seconds']:.2f}x, "
+            f"memory ratio {r['peak_rss_mb'] / p['peak_rss_mb']:.2f}x | gradient relative gap {gap:.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ from test_exact import CASES, enumerate_trajectories, estimator_log_probs, flat_
 
 def main():
     torch.set_num_threads(1)
-    print("| sampler | trajectories | exact: max error | DiPO: cosine with the true gradient | DiPO: relative error |")
+    print(
+        "| sampler | trajectories | exact: max error | DiPO: cosine with the true gradient | DiPO: relative error |"
+    )
     print("|---|---|---|---|---|")
     for case, sampler in CASES.items():
         model = toy_model()
@@ -27,11 +29,17 @@ def main():
         rewards = torch.tensor([reward(tokens) for tokens, _ in trajectories], dtype=torch.float64)
         true = flat_grad((prob * rewards).sum(), model)
         weight = (prob * (rewards - (prob * rewards).sum())).detach()
-        grads = {name: flat_grad((weight * estimator_log_probs(model, list(trajectories), sampler, name)).sum(), model)
-                 for name in ("exact", "dipo")}
+        grads = {
+            name: flat_grad(
+                (weight * estimator_log_probs(model, list(trajectories), sampler, name)).sum(), model
+            )
+            for name in ("exact", "dipo")
+        }
         cosine = torch.nn.functional.cosine_similarity(grads["dipo"], true, dim=0).item()
-        print(f"| {case} | {len(trajectories)} | {(grads['exact'] - true).abs().max().item():.1e} | {cosine:.3f} | "
-              f"{((grads['dipo'] - true).norm() / true.norm()).item():.2f} |")
+        print(
+            f"| {case} | {len(trajectories)} | {(grads['exact'] - true).abs().max().item():.1e} | {cosine:.3f} | "
+            f"{((grads['dipo'] - true).norm() / true.norm()).item():.2f} |"
+        )
 
 
 if __name__ == "__main__":

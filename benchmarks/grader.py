@@ -22,8 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import eval as ev  # noqa: E402
 from test_eval import CASES, RESPONSES  # noqa: E402
+
+import eval as ev  # noqa: E402
 
 
 def record(i, text, truth):

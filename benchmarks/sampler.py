@@ -39,7 +39,10 @@ def recompute_everything(model, prompts, generators, cfg):
     b, mask_id = model.config.block_size, model.config.mask_token_id
     seqs = torch.tensor(prompts)  # [B, P]
     start = seqs.shape[1] // b * b
-    done, block = seqs[:, :start], torch.cat([seqs[:, start:], torch.full((len(prompts), b - seqs.shape[1] + start), mask_id)], 1)
+    done, block = (
+        seqs[:, :start],
+        torch.cat([seqs[:, start:], torch.full((len(prompts), b - seqs.shape[1] + start), mask_id)], 1),
+    )
     while done.shape[1] - seqs.shape[1] < cfg.max_new_tokens:  # as generate: whole blocks until the limit
         masked = block == mask_id
         while masked.any():
@@ -48,16 +51,20 @@ def recompute_everything(model, prompts, generators, cfg):
             layout = attention.make_layout([[(length, 0, length)]] * len(prompts), b)
             logits = attention.forward_layout(model, full, layout)[:, -b:]
             uniforms = torch.stack([torch.rand(b, generator=g) for g in generators])
-            tokens, confidence, _ = rollout.sample_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms)
+            tokens, confidence, _ = rollout.sample_tokens(
+                logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms
+            )
             commit = rollout.choose_commits(confidence, masked, "sequential")
             block = torch.where(commit, tokens, block)
             masked &= ~commit
         done, block = torch.cat([done, block], 1), torch.full((len(prompts), b), mask_id)
-    return [row[len(prompts[0]):].tolist() for row in done]
+    return [row[len(prompts[0]) :].tolist() for row in done]
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--sequences", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
@@ -73,9 +80,11 @@ def main():
     model.eval()
     cfg = rollout.Config(strategy="sequential", max_new_tokens=args.new_tokens)
     questions = [p["question"] for p in grader.load_prompts(ROOT / "data/arith_test.jsonl")]
-    encoded = [tokenizer(attention.render_prompt(q, ""), add_special_tokens=False)["input_ids"] for q in questions]
+    encoded = [
+        tokenizer(attention.render_prompt(q, ""), add_special_tokens=False)["input_ids"] for q in questions
+    ]
     length = max(set(map(len, encoded)), key=[len(e) for e in encoded].count)  # the most common length
-    prompts = [e for e in encoded if len(e) == length][:args.sequences]
+    prompts = [e for e in encoded if len(e) == length][: args.sequences]
     timings, outputs = {}, {}
     for name in ("kv_cache", "recompute"):
         gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
@@ -87,7 +96,9 @@ def main():
         timings[name] = time.perf_counter() - start
     tokens = sum(len(r) for r in outputs["kv_cache"])
     same = outputs["kv_cache"] == outputs["recompute"]
-    print(f"{len(prompts)} prompts of {length} tokens x {args.new_tokens} new tokens, tiny model, sequential, {args.threads} thread(s)")
+    print(
+        f"{len(prompts)} prompts of {length} tokens x {args.new_tokens} new tokens, tiny model, sequential, {args.threads} thread(s)"
+    )
     print(f"  KV cache:  {tokens / timings['kv_cache']:8.1f} tokens/s")
     print(f"  recompute: {tokens / timings['recompute']:8.1f} tokens/s")
     print(f"  ratio {timings['recompute'] / timings['kv_cache']:.1f}x; same tokens: {same}")
@@ -101,35 +112,56 @@ def policy_speed(args, questions):
     model.eval()
     b = model.config.block_size
     stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)}
-    prompts = [tokenizer(attention.render_prompt(q, model.config.instruction), add_special_tokens=False)["input_ids"]
-               for q in questions[:args.prompts]]
+    prompts = [
+        tokenizer(attention.render_prompt(q, model.config.instruction), add_special_tokens=False)["input_ids"]
+        for q in questions[: args.prompts]
+    ]
     calls = []  # rows of every denoising forward (one or two blocks per row; the prefill is left out)
-    model.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].shape[0])
-                                if kw["input_ids"].shape[1] <= 2 * b and kw.get("logits_to_keep") != 1 else None,
-                                with_kwargs=True)
-    print(f"{args.policy}: {len(prompts)} test prompts in batches of {args.batch_size}, {args.max_new_tokens} new tokens, "
-          f"temperature 1, {args.threads} thread(s)")
-    settings = [("low_confidence_dynamic", f"dynamic {args.threshold}", {}), ("sequential", "sequential", {}),
-                ("low_confidence_static", "static, 2 steps", {"denoising_steps": 2})]
+    model.register_forward_hook(
+        lambda m, a, kw, out: (
+            calls.append(kw["input_ids"].shape[0])
+            if kw["input_ids"].shape[1] <= 2 * b and kw.get("logits_to_keep") != 1
+            else None
+        ),
+        with_kwargs=True,
+    )
+    print(
+        f"{args.policy}: {len(prompts)} test prompts in batches of {args.batch_size}, {args.max_new_tokens} new tokens, "
+        f"temperature 1, {args.threads} thread(s)"
+    )
+    settings = [
+        ("low_confidence_dynamic", f"dynamic {args.threshold}", {}),
+        ("sequential", "sequential", {}),
+        ("low_confidence_static", "static, 2 steps", {"denoising_steps": 2}),
+    ]
     speed = {}
     for strategy, name, extra in settings:
-        cfg = rollout.Config(strategy=strategy, threshold=args.threshold, max_new_tokens=args.max_new_tokens, **extra)
+        cfg = rollout.Config(
+            strategy=strategy, threshold=args.threshold, max_new_tokens=args.max_new_tokens, **extra
+        )
         calls.clear()
         tokens = longest = 0
         start = time.perf_counter()
         for first in range(0, len(prompts), args.batch_size):
-            batch = prompts[first:first + args.batch_size]
+            batch = prompts[first : first + args.batch_size]
             gens = [torch.Generator().manual_seed(first + i) for i in range(len(batch))]
             results = rollout.generate(model, batch, gens, cfg, stop_ids)
             tokens += sum(len(r["response_ids"]) for r in results)
-            longest += max(-(-(len(p) + len(r["response_ids"])) // b) - len(p) // b for p, r in zip(batch, results))
+            longest += max(
+                -(-(len(p) + len(r["response_ids"])) // b) - len(p) // b for p, r in zip(batch, results)
+            )
         seconds = time.perf_counter() - start
         speed[name] = tokens / seconds
         per_block = len(calls) / longest
-        print(f"  {name:<16} {speed[name]:8,.0f} tokens/s | {per_block:5.2f} batch forwards per block | "
-              f"{tokens / sum(calls):.2f} tokens per row-forward | {tokens / len(prompts):.1f} tokens per response")
+        print(
+            f"  {name:<16} {speed[name]:8,.0f} tokens/s | {per_block:5.2f} batch forwards per block | "
+            f"{tokens / sum(calls):.2f} tokens per row-forward | {tokens / len(prompts):.1f} tokens per response"
+        )
     dynamic = speed[f"dynamic {args.threshold}"]
-    print(f"  dynamic / sequential {dynamic / speed['sequential']:.2f}x, dynamic / static {dynamic / speed['static, 2 steps']:.2f}x")
+    print(
+        f"  dynamic / sequential {dynamic / speed['sequential']:.2f}x, dynamic / static {dynamic / speed['static, 2 steps']:.2f}x"
+    )
+
 
 if __name__ == "__main__":
     main()

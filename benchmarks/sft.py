@@ -37,7 +37,9 @@ def matmul_peak(threads, n=1024, repeats=20):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--row-len", type=int, default=sft.Config.row_len)
@@ -47,9 +49,13 @@ def main():
     cfg = sft.Config(row_len=args.row_len, batch_size=args.batch_size)
     model, tokenizer = attention.load_model("tiny")
     c = model.config
-    docs, _ = sft.load_documents(ROOT / cfg.data, tokenizer, c.instruction, c.block_size, cfg.max_len, cfg.overlong)
+    docs, _ = sft.load_documents(
+        ROOT / cfg.data, tokenizer, c.instruction, c.block_size, cfg.max_len, cfg.overlong
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    body = sum(
+        p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n
+    )
     attn_per_pair = 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim
 
     model_flops = attn_flops = tokens = 0
@@ -58,10 +64,13 @@ def main():
         mine = common.data_stream(step, cfg.batch_size, len(docs), cfg.seed)
         batch, positions = [docs[d] for _, d in mine], [i for i, _ in mine]
         t = time.perf_counter()
-        noises = [sft.noise_document(len(p), len(p) + len(r), cfg.eps, torch.Generator().manual_seed(i))
-                  for (p, r), i in zip(batch, positions)]
+        noises = [
+            sft.noise_document(len(p), len(p) + len(r), cfg.eps, torch.Generator().manual_seed(i))
+            for (p, r), i in zip(batch, positions)
+        ]
         ids, layout, rows, cols, targets, weights = sft.build_micro_batch(
-            batch, noises, c.block_size, c.mask_token_id, c.eos_token_id, cfg.row_len, cfg.batch_size)
+            batch, noises, c.block_size, c.mask_token_id, c.eos_token_id, cfg.row_len, cfg.batch_size
+        )
         logits = attention.forward_layout(model, ids, layout, at=(rows, cols))
         sft.diffusion_loss(logits, targets, weights).backward()
         optimizer.step()
@@ -75,10 +84,14 @@ def main():
     peak = matmul_peak(args.threads)
     achieved = model_flops / elapsed / 1e9
     computed = (model_flops + attn_flops) / elapsed / 1e9
-    print(f"sft step, tiny model, batch {cfg.batch_size} docs, rows of {cfg.row_len}, {args.threads} thread(s), {args.steps} steps")
+    print(
+        f"sft step, tiny model, batch {cfg.batch_size} docs, rows of {cfg.row_len}, {args.threads} thread(s), {args.steps} steps"
+    )
     print(f"  {tokens / elapsed:,.0f} tokens/s ({elapsed / args.steps * 1000:.0f} ms/step)")
-    print(f"  matmul peak {peak:.1f} GFLOP/s; model FLOPs {achieved:.1f} GFLOP/s = MFU {achieved / peak:.1%}; "
-          f"with dense attention as computed {computed:.1f} GFLOP/s = {computed / peak:.1%}")
+    print(
+        f"  matmul peak {peak:.1f} GFLOP/s; model FLOPs {achieved:.1f} GFLOP/s = MFU {achieved / peak:.1%}; "
+        f"with dense attention as computed {computed:.1f} GFLOP/s = {computed / peak:.1%}"
+    )
 
 
 if __name__ == "__main__":

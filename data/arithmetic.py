@@ -96,13 +96,19 @@ def generate(seed, counts, min_ops=1, max_ops=3, digits=1, fractions=False):
         split = split_of(problem[0])
         if len(splits[split]) < counts[split]:
             splits[split].setdefault(problem[0], problem)
-    raise ValueError(f"could not draw {counts} distinct problems with these knobs; the problem space is too small")
+    raise ValueError(
+        f"could not draw {counts} distinct problems with these knobs; the problem space is too small"
+    )
 
 
 def records(split, problems):
     for question, response, answer in problems:
         base = {"ground_truth_answer": answer, "data_source": "arith"}
-        yield {"prompt": question, "response": response, **base} if split == "sft" else {"question": question, **base}
+        yield (
+            {"prompt": question, "response": response, **base}
+            if split == "sft"
+            else {"question": question, **base}
+        )
 
 
 def write_jsonl(path, rows):
@@ -114,16 +120,27 @@ def write_jsonl(path, rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for the three files (default: data/)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", default=str(Path(__file__).parent), help="folder for the three files (default: data/)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the problem stream (default: 0)")
     parser.add_argument("--num-sft", type=int, default=20000, help="distinct SFT problems (default: 20000)")
     parser.add_argument("--num-rl", type=int, default=4000, help="distinct RL prompts (default: 4000)")
-    parser.add_argument("--num-test", type=int, default=500, help="distinct held-out test prompts (default: 500)")
+    parser.add_argument(
+        "--num-test", type=int, default=500, help="distinct held-out test prompts (default: 500)"
+    )
     parser.add_argument("--min-ops", type=int, default=1, help="fewest operators per problem (default: 1)")
     parser.add_argument("--max-ops", type=int, default=3, help="most operators per problem (default: 3)")
     parser.add_argument("--digits", type=int, default=1, help="digits per operand (default: 1)")
-    parser.add_argument("--fractions", action=argparse.BooleanOptionalAction, default=False, help="also use '/', answers as reduced fractions (default: off)")
+    parser.add_argument(
+        "--fractions",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also use '/', answers as reduced fractions (default: off)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.min_ops <= args.max_ops or args.digits < 1:
         parser.error("need 1 <= --min-ops <= --max-ops and --digits >= 1")

@@ -20,7 +20,9 @@ def assert_same_records(got, want, atol=1e-5):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g.keys() == w.keys()
-        assert {k: v for k, v in g.items() if k != "logprobs"} == {k: v for k, v in w.items() if k != "logprobs"}
+        assert {k: v for k, v in g.items() if k != "logprobs"} == {
+            k: v for k, v in w.items() if k != "logprobs"
+        }
         if w["logprobs"] is None:
             assert g["logprobs"] is None
         else:

@@ -56,7 +56,9 @@ def random_rows(rng, block_size, num_noisy, num_rows=2, max_docs=3):
     for _ in range(num_rows):
         row = []
         for _ in range(rng.randint(1, max_docs)):
-            length = block_size * rng.randint(1, 4) + rng.choice([0, 0, 1, 3]) % block_size  # not multiples of 16
+            length = (
+                block_size * rng.randint(1, 4) + rng.choice([0, 0, 1, 3]) % block_size
+            )  # not multiples of 16
             noisy_from = block_size * rng.randint(0, length // block_size)
             row.append((length, num_noisy, noisy_from))
         rows.append(row)
@@ -119,7 +121,9 @@ def tiny():
 def test_backends_agree_through_the_model(tiny):
     model, _ = tiny
     layout = attention.make_layout([[(12, 2, 4), (5, 1, 0)], [(16, 2, 8)]], block_size=4)
-    ids = torch.randint(4, model.config.vocab_size, layout.doc.shape, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        4, model.config.vocab_size, layout.doc.shape, generator=torch.Generator().manual_seed(0)
+    )
     logits = {}
     with torch.no_grad():
         for backend in ["sdpa", "eager", "flex"]:
@@ -138,7 +142,9 @@ def test_flex_and_dense_give_the_same_loss_and_gradients_on_cuda(dtype, tol):
     mask from the same mask_mod, under autocast as sft.py and dipo.py run them."""
     model, _ = attention.load_model("tiny", seed=1, device="cuda")
     layout = attention.make_layout([[(12, 2, 4), (5, 1, 0)], [(16, 2, 8)]], block_size=4)
-    ids = torch.randint(4, model.config.vocab_size, layout.doc.shape, generator=torch.Generator().manual_seed(0)).cuda()
+    ids = torch.randint(
+        4, model.config.vocab_size, layout.doc.shape, generator=torch.Generator().manual_seed(0)
+    ).cuda()
     real = (layout.doc >= 0).cuda()
     results = {}
     for backend in ["sdpa", "flex"]:
@@ -163,7 +169,7 @@ import sys, torch
 sys.path.insert(0, {str(ROOT)!r})
 import attention
 import common
-torch.distributed.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+torch.distributed.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
 for dtype in (torch.float32, torch.bfloat16):
     model, _ = attention.load_model("tiny", seed=1)
     common.shard_model(model, dtype)
@@ -183,7 +189,9 @@ def block_causal_logits(model, ids, block_size):
     allowed = blk[None, :] <= blk[:, None]
     model.set_attn_implementation("eager")  # eager too, so the check does not rest on sdpa
     additive = torch.zeros(1, 1, n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    out = model(input_ids=ids, attention_mask={"full_attention": additive}, position_ids=torch.arange(n)[None]).logits
+    out = model(
+        input_ids=ids, attention_mask={"full_attention": additive}, position_ids=torch.arange(n)[None]
+    ).logits
     model.set_attn_implementation("sdpa")
     return out
 
@@ -206,7 +214,9 @@ def test_noisy_block_sees_exactly_the_clean_prefix_and_its_own_block(tiny):
             got = packed[length + start - noisy_from : length + end - noisy_from]
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         # and the clean copy is an ordinary block-causal pass over x0
-        torch.testing.assert_close(packed[:length], block_causal_logits(model, clean[None], b)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            packed[:length], block_causal_logits(model, clean[None], b)[0], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_mask_is_cached_per_layout():
@@ -222,7 +232,9 @@ def test_mask_is_cached_per_layout():
 def test_logits_at_selected_positions_equal_full_logits(tiny):
     model, _ = tiny
     layout = attention.make_layout([[(8, 1, 4)], [(4, 1, 0), (4, 1, 4)]], 4)
-    ids = torch.randint(4, model.config.vocab_size, layout.doc.shape, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        4, model.config.vocab_size, layout.doc.shape, generator=torch.Generator().manual_seed(1)
+    )
     rows, cols = torch.tensor([0, 0, 1, 1, 0]), torch.tensor([8, 10, 2, 9, 11])
     with torch.no_grad():
         full = attention.forward_layout(model, ids, layout)
@@ -248,8 +260,14 @@ def write_sdar_dir(model, tokenizer, path, with_block_keys):
     """An SDAR-format checkpoint as released: model_type "sdar", custom-code keys, Qwen3 weights."""
     attention.save_checkpoint(model, tokenizer, path)
     config = json.loads((path / "config.json").read_text())
-    config.update(model_type="sdar", architectures=["SDARForCausalLM"],
-                  auto_map={"AutoConfig": "configuration_sdar.SDARConfig", "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"})
+    config.update(
+        model_type="sdar",
+        architectures=["SDARForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_sdar.SDARConfig",
+            "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM",
+        },
+    )
     if not with_block_keys:
         config.pop("block_size")
         config.pop("mask_token_id")

@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
 from safetensors.torch import load_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -20,6 +19,7 @@ import attention
 import common
 import dipo
 import rollout
+from conftest import ROOT
 
 MASK = 3
 
@@ -32,7 +32,10 @@ def per_round_logprobs(model, record, mask_id, block_size):
     length, noisy_from = len(clean), len(prompt) // block_size * block_size
     out = torch.zeros(len(response))
     for s in sorted(set(step_map)):
-        noisy = [mask_id if q >= len(prompt) and step_map[q - len(prompt)] >= s else clean[q] for q in range(noisy_from, length)]
+        noisy = [
+            mask_id if q >= len(prompt) and step_map[q - len(prompt)] >= s else clean[q]
+            for q in range(noisy_from, length)
+        ]
         layout = attention.make_layout([[(length, 1, noisy_from)]], block_size)
         logits = attention.forward_layout(model, torch.tensor([clean + noisy]), layout)[0]  # [N, V]
         logp = torch.log_softmax(logits.float(), -1)
@@ -52,7 +55,9 @@ def random_records(n, seed=0, block_size=4):
         length = first + block_size * int(torch.randint(1, 4, (1,), generator=g))
         response = torch.randint(4, 100, (length,), generator=g).tolist()
         step_map = []
-        for start in range(0, length, block_size) if first == 0 else [0] + list(range(first, length, block_size)):
+        for start in (
+            range(0, length, block_size) if first == 0 else [0] + list(range(first, length, block_size))
+        ):
             size = first if start == 0 and first else block_size
             steps = torch.randint(0, size, (size,), generator=g)
             steps = steps - steps.min()  # a block's steps start at 0
@@ -75,8 +80,9 @@ def test_packed_forward_equals_one_forward_per_round():
     reference = [per_round_logprobs(model, r, MASK, 4) for r in records]
     mine = torch.stack([reference[r][t] for r, t in zip(where["record"].tolist(), where["index"].tolist())])
     torch.testing.assert_close(packed, mine, atol=1e-5, rtol=1e-5)
-    assert sorted(zip(where["record"].tolist(), where["index"].tolist())) == \
-        [(i, t) for i, r in enumerate(records) for t in range(len(r["response_ids"]))]  # every token scored once
+    assert sorted(zip(where["record"].tolist(), where["index"].tolist())) == [
+        (i, t) for i, r in enumerate(records) for t in range(len(r["response_ids"]))
+    ]  # every token scored once
     (mine * coef).sum().backward()
     grad_reference = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(grad_packed, grad_reference, atol=1e-5, rtol=1e-4)
@@ -84,15 +90,22 @@ def test_packed_forward_equals_one_forward_per_round():
 
 def test_rounds_skip_rounds_that_commit_nothing_and_prompt_only_blocks():
     record = {"prompt_ids": [10, 11, 12, 13, 14], "response_ids": [20, 21, 22], "step_map": [2, 0, 2]}
-    noisy_from, rounds, copies = attention.replay_copies(record["prompt_ids"], record["response_ids"], record["step_map"],
-                                                         MASK, 4)
+    noisy_from, rounds, copies = attention.replay_copies(
+        record["prompt_ids"], record["response_ids"], record["step_map"], MASK, 4
+    )
     assert (noisy_from, rounds) == (4, [0, 2])  # rounds 0 and 2 only; noisy copies start at position 4
     assert copies == [[14, MASK, MASK, MASK], [14, MASK, 21, MASK]]
-    ids, layout, rows, first = attention.pack_copies([([10, 11, 12, 13, 14, 20, 21, 22], noisy_from, copies)], 4, 0, 100)
+    ids, layout, rows, first = attention.pack_copies(
+        [([10, 11, 12, 13, 14, 20, 21, 22], noisy_from, copies)], 4, 0, 100
+    )
     assert ids[0].tolist() == [10, 11, 12, 13, 14, 20, 21, 22] + [14, MASK, MASK, MASK] + [14, MASK, 21, MASK]
     assert (rows, first) == ([[0]], [0])
     scored = dipo.scored_positions(record, noisy_from, rounds, 0, 4)
-    assert scored == [(10, 21, 1, 0, 1), (13, 20, 0, 2, 1), (15, 22, 2, 2, 1)]  # (column, token, index, round, block)
+    assert scored == [
+        (10, 21, 1, 0, 1),
+        (13, 20, 0, 2, 1),
+        (15, 22, 2, 2, 1),
+    ]  # (column, token, index, round, block)
     every = dipo.scored_positions(record, noisy_from, rounds, 0, 4, all_masked=True)
     assert [(col, s) for col, _, _, s, _ in every] == [(9, 0), (10, 0), (11, 0), (13, 2), (15, 2)]
 
@@ -124,7 +137,9 @@ def test_clipping_on_each_side_and_k3():
 def test_token_weights_sum_to_the_normalised_mean():
     lengths = torch.tensor([2, 2, 3, 3, 3])  # two responses, of 2 and 3 tokens
     assert dipo.token_weights(lengths, 5, 2, "token").sum().item() == pytest.approx(1.0)
-    assert dipo.token_weights(lengths, 5, 2, "sequence").tolist() == pytest.approx([0.25, 0.25, 1 / 6, 1 / 6, 1 / 6])
+    assert dipo.token_weights(lengths, 5, 2, "sequence").tolist() == pytest.approx(
+        [0.25, 0.25, 1 / 6, 1 / 6, 1 / 6]
+    )
 
 
 # ----------------------------------------------------------------------------- unbiasedness on a toy
@@ -132,9 +147,21 @@ def test_token_weights_sum_to_the_normalised_mean():
 
 def toy_model():
     """Vocabulary of 4 (3 = mask), block size 2, one layer: every trajectory is enumerable."""
-    config = Qwen3Config(vocab_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=8, intermediate_size=32, max_position_embeddings=16, tie_word_embeddings=False,
-                         block_size=2, mask_token_id=MASK, eos_token_id=0, pad_token_id=0)
+    config = Qwen3Config(
+        vocab_size=4,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+        block_size=2,
+        mask_token_id=MASK,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     torch.manual_seed(7)
     model = Qwen3ForCausalLM(config)
     with torch.no_grad():
@@ -158,7 +185,9 @@ def test_dipo_gradient_is_unbiased_on_an_enumerable_toy_and_one_step_is_not():
 
     def logp_in(seq, position):  # log pi(. | seq) at `position`, clean block-causal rule
         layout = attention.make_layout([[(len(seq), 0, len(seq))]], 2)
-        return torch.log_softmax(attention.forward_layout(model, torch.tensor([seq]), layout)[0, position].float(), -1)
+        return torch.log_softmax(
+            attention.forward_layout(model, torch.tensor([seq]), layout)[0, position].float(), -1
+        )
 
     # exact: J = sum over trajectories (x0 then x1) of p(x0 | M M) p(x1 | x0 M) r(x0, x1)
     first = logp_in(prompt + [MASK, MASK], 2)
@@ -176,22 +205,31 @@ def test_dipo_gradient_is_unbiased_on_an_enumerable_toy_and_one_step_is_not():
     results = rollout.generate(model, [prompt] * n, gens, cfg, stop_ids=set())
     records = [{"prompt_ids": prompt, **r} for r in results]
     rewards = torch.tensor([reward(r["response_ids"]) for r in records])
-    adv = rewards.view(-1, group) - rewards.view(-1, group).mean(1, keepdim=True)  # group baseline, no std scaling
+    adv = rewards.view(-1, group) - rewards.view(-1, group).mean(
+        1, keepdim=True
+    )  # group baseline, no std scaling
     adv = adv.flatten() * group / (group - 1)  # E[(r - group mean) score] = (1 - 1/G) grad J
 
     def estimate(one_step):
         out = []
         for c in range(chunks):
-            part = records[c * n // chunks:(c + 1) * n // chunks]
-            a = adv[c * n // chunks:(c + 1) * n // chunks]
+            part = records[c * n // chunks : (c + 1) * n // chunks]
+            a = adv[c * n // chunks : (c + 1) * n // chunks]
             if one_step:  # every token from the fully masked block
-                logp = torch.stack([logp_in(prompt + [MASK, MASK], 2)[r["response_ids"][0]] + logp_in(prompt + [MASK, MASK], 3)[r["response_ids"][1]]
-                                    for r in part])
+                logp = torch.stack(
+                    [
+                        logp_in(prompt + [MASK, MASK], 2)[r["response_ids"][0]]
+                        + logp_in(prompt + [MASK, MASK], 3)[r["response_ids"][1]]
+                        for r in part
+                    ]
+                )
                 objective = (a * logp).mean()
             else:
                 batch = dipo.build_batch(part, MASK, 2, 0, row_len=512)
                 logp = dipo.token_logprobs(model, batch, torch.device("cpu"), torch.float32)
-                objective = (a[batch[2]["record"]] * logp).sum() / len(part)  # = mean of A * log p(trajectory)
+                objective = (a[batch[2]["record"]] * logp).sum() / len(
+                    part
+                )  # = mean of A * log p(trajectory)
             out.append(torch.cat([g.flatten() for g in torch.autograd.grad(objective, params)]))
         out = torch.stack(out)
         return out.mean(0), out.std(0) / math.sqrt(chunks)
@@ -205,18 +243,29 @@ def test_dipo_gradient_is_unbiased_on_an_enumerable_toy_and_one_step_is_not():
         z2 = (((mean - exact)[live] / se[live]) ** 2).mean().item()
         cos = torch.nn.functional.cosine_similarity(mean, exact, dim=0).item()
         if one_step:
-            assert z2 > 100 and cos < 0.95, f"the one-step estimator should be visibly biased (z2 = {z2:.2f}, cos {cos:.3f})"
+            assert z2 > 100 and cos < 0.95, (
+                f"the one-step estimator should be visibly biased (z2 = {z2:.2f}, cos {cos:.3f})"
+            )
         else:
-            assert z2 < 2.0 and cos > 0.99, f"DiPO should match the exact gradient within its standard error (z2 = {z2:.2f})"
-            assert exact[~live].abs().max() < 1e-6  # what it never moves, the exact gradient does not move either
+            assert z2 < 2.0 and cos > 0.99, (
+                f"DiPO should match the exact gradient within its standard error (z2 = {z2:.2f})"
+            )
+            assert (
+                exact[~live].abs().max() < 1e-6
+            )  # what it never moves, the exact gradient does not move either
 
 
 # ----------------------------------------------------------------------------- the script
 
 
 def run_dipo(run, *args, **kw):
-    return subprocess.run([sys.executable, str(ROOT / "dipo.py"), "--run", str(run), "--threads", "1", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, **kw)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "dipo.py"), "--run", str(run), "--threads", "1", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        **kw,
+    )
 
 
 def make_run(path, seed=0):
@@ -230,7 +279,11 @@ def make_run(path, seed=0):
 
 
 def sample(run, step):
-    rollout.main(rollout.Config(run=str(run), num_prompts=4, group_size=4, max_new_tokens=12, threshold=0.05, threads=1))
+    rollout.main(
+        rollout.Config(
+            run=str(run), num_prompts=4, group_size=4, max_new_tokens=12, threshold=0.05, threads=1
+        )
+    )
     path = run / "rollouts" / f"step_{step:06d}.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
     for i, r in enumerate(records):
@@ -255,7 +308,10 @@ def test_update_at_the_sampling_weights_has_no_mismatch_and_ratio_one(tmp_path):
     again = run_dipo(run)  # the same k again: its rollouts are gone with the step, so it says so
     assert again.returncode != 0 and "no rollouts for policy step 1" in again.stderr
     sample(run, 1)  # two minibatches: the second one's logp_old comes from a pass before any step
-    assert run_dipo(run, "--minibatches", 2, "--ppo-epochs", 2).returncode == 0 and common.latest_policy(run)[0] == 2
+    assert (
+        run_dipo(run, "--minibatches", 2, "--ppo-epochs", 2).returncode == 0
+        and common.latest_policy(run)[0] == 2
+    )
     m = metrics(run)[-1]
     assert m["mismatch_max"] < 1e-4 and m["approx_kl"] > 0.0
     sample(run, 2)  # more minibatches than responses: one response each, none left empty
@@ -277,23 +333,50 @@ def update_copies(tmp_path, variants, two_processes=()):
     runs["two"] = tmp_path / "two"
     shutil.copytree(base, runs["two"])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--"]
-    out = subprocess.run(torchrun + [str(ROOT / "dipo.py"), "--run", str(runs["two"]), "--threads", "1", "--micro-batch-size", "3",
-                                     *map(str, two_processes)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    out = subprocess.run(
+        torchrun
+        + [
+            str(ROOT / "dipo.py"),
+            "--run",
+            str(runs["two"]),
+            "--threads",
+            "1",
+            "--micro-batch-size",
+            "3",
+            *map(str, two_processes),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return runs
 
 
 def test_gradient_is_the_same_for_any_micro_batch_and_two_processes(tmp_path):
-    four = ["--minibatches", 4]  # 4 optimizer steps: the later ones run with ratio != 1, and the weight bar below holds
-    runs = update_copies(tmp_path, {"mb16": four + ["--micro-batch-size", 16], "mb1": four + ["--micro-batch-size", 1],
-                                    "seq16": four + ["--loss-norm", "sequence"],
-                                    "seq1": four + ["--loss-norm", "sequence", "--micro-batch-size", 1],
-                                    "recompute": four + ["--grad-checkpointing"]}, two_processes=four)
+    four = [
+        "--minibatches",
+        4,
+    ]  # 4 optimizer steps: the later ones run with ratio != 1, and the weight bar below holds
+    runs = update_copies(
+        tmp_path,
+        {
+            "mb16": four + ["--micro-batch-size", 16],
+            "mb1": four + ["--micro-batch-size", 1],
+            "seq16": four + ["--loss-norm", "sequence"],
+            "seq1": four + ["--loss-norm", "sequence", "--micro-batch-size", 1],
+            "recompute": four + ["--grad-checkpointing"],
+        },
+        two_processes=four,
+    )
     m = {name: metrics(run)[-1] for name, run in runs.items()}
     for a, b in (("mb16", "mb1"), ("mb16", "two"), ("seq16", "seq1"), ("mb16", "recompute")):
         assert m[a]["loss"] == pytest.approx(m[b]["loss"], rel=1e-4, abs=1e-7)
         assert m[a]["grad_norm"] == pytest.approx(m[b]["grad_norm"], rel=1e-4)
-    assert m["mb16"]["grad_norm"] != pytest.approx(m["seq16"]["grad_norm"], rel=1e-3)  # the norms really differ
+    assert m["mb16"]["grad_norm"] != pytest.approx(
+        m["seq16"]["grad_norm"], rel=1e-3
+    )  # the norms really differ
     w = {name: load_file(run / "policy" / "step_000001" / "model.safetensors") for name, run in runs.items()}
     # Adam moves each weight by about lr * sign(gradient) per step, so a coordinate whose
     # gradient is ~0 can move by up to lr (1e-4) on float noise alone: a tenth of that is the bar
@@ -320,9 +403,13 @@ def test_kl_goes_through_the_loss_function_and_grad_norm_is_the_mean_over_miniba
     monkeypatch.setattr(dipo, "dipo_token_loss", recording_loss)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
     assert dipo.main(dipo.Config(run=str(run), beta=0.1, minibatches=2, threads=1)) == 0
-    assert calls and all(args[6] == 0.1 and args[5] is not None and kwargs["logp_policy"] is not None for args, kwargs in calls)
+    assert calls and all(
+        args[6] == 0.1 and args[5] is not None and kwargs["logp_policy"] is not None for args, kwargs in calls
+    )
     ref, new = calls[0][0][5], calls[0][1]["logp_policy"]
-    torch.testing.assert_close(ref, new.detach(), atol=1e-5, rtol=0)  # the first minibatch runs at the reference weights
+    torch.testing.assert_close(
+        ref, new.detach(), atol=1e-5, rtol=0
+    )  # the first minibatch runs at the reference weights
     assert len(norms) == 2 and norms[0] != pytest.approx(norms[1], rel=1e-3)
     assert metrics(run)[-1]["grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-9)
 
@@ -335,10 +422,14 @@ def test_stale_and_mismatched_rollouts_are_refused(tmp_path):
     path.write_text("".join(json.dumps({**r, "policy_step": 5}) + "\n" for r in records))
     out = run_dipo(run)
     assert out.returncode == 1 and "stale rollouts" in out.stderr
-    path.write_text("".join(json.dumps({**r, "sampler": {**r["sampler"], "block_size": 8}}) + "\n" for r in records))
+    path.write_text(
+        "".join(json.dumps({**r, "sampler": {**r["sampler"], "block_size": 8}}) + "\n" for r in records)
+    )
     out = run_dipo(run)
     assert out.returncode == 1 and "block size 8" in out.stderr
-    path.write_text("".join(json.dumps({**r, "sampler": {**r["sampler"], "min_new_tokens": 128}}) + "\n" for r in records))
+    path.write_text(
+        "".join(json.dumps({**r, "sampler": {**r["sampler"], "min_new_tokens": 128}}) + "\n" for r in records)
+    )
     out = run_dipo(run)
     assert out.returncode == 1 and "evaluation-only" in out.stderr
     path.write_text(good[: len(good) // 2])
@@ -366,8 +457,12 @@ def test_killed_update_is_redone_or_completed(tmp_path):
     shutil.copytree(run, reference)
     assert run_dipo(reference).returncode == 0
     # kill as soon as the new checkpoint appears, before or after dipo_state.pt is written
-    proc = subprocess.Popen([sys.executable, str(ROOT / "dipo.py"), "--run", str(run), "--threads", "1"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "dipo.py"), "--run", str(run), "--threads", "1"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not common.policy_dir(run, 1).exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)

@@ -21,9 +21,21 @@ PROMPT = [0, 1, 2]  # one whole block; the response is the next block of 3
 
 
 def toy_model(dtype=torch.float64, seed=3):
-    config = Qwen3Config(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=8, intermediate_size=32, max_position_embeddings=16, tie_word_embeddings=False,
-                         block_size=BLOCK, mask_token_id=MASK, eos_token_id=0, pad_token_id=0)
+    config = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+        block_size=BLOCK,
+        mask_token_id=MASK,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
     with torch.no_grad():
@@ -56,8 +68,10 @@ def enumerate_trajectories(model, sampler):
         if state not in cache:
             seq = PROMPT + [MASK if t is None else t for t in state]
             layout = attention.make_layout([[(len(seq), 0, len(seq))]], BLOCK)  # block-causal, no noisy copy
-            logits = attention.forward_layout(model, torch.tensor([seq]), layout)[0, len(PROMPT):]
-            cache[state] = attention.sampling_logprobs(logits, sampler["temperature"], sampler["top_k"], sampler["top_p"])
+            logits = attention.forward_layout(model, torch.tensor([seq]), layout)[0, len(PROMPT) :]
+            cache[state] = attention.sampling_logprobs(
+                logits, sampler["temperature"], sampler["top_k"], sampler["top_p"]
+            )
         return cache[state]
 
     def expand(state, step_map, step, prob):
@@ -74,7 +88,9 @@ def enumerate_trajectories(model, sampler):
             confidence[0, masked] = logq_draw.detach().exp()
             is_masked = torch.tensor([[t is None for t in state]])
             quota = torch.tensor([rollout.static_quota(BLOCK, sampler["denoising_steps"], step)])
-            commit = rollout.choose_commits(confidence, is_masked, sampler["strategy"], sampler["threshold"], quota)[0]
+            commit = rollout.choose_commits(
+                confidence, is_masked, sampler["strategy"], sampler["threshold"], quota
+            )[0]
             new_state, new_map = list(state), list(step_map)
             for j, v in zip(masked, draw):
                 if commit[j]:
@@ -85,20 +101,34 @@ def enumerate_trajectories(model, sampler):
     return dict(out)
 
 
-def sampler_settings(strategy="low_confidence_dynamic", threshold=0.5, temperature=1.0, top_k=0, top_p=1.0, steps=3):
-    return {"strategy": strategy, "threshold": threshold, "denoising_steps": steps, "temperature": temperature,
-            "top_k": top_k, "top_p": top_p, "engine": "torch"}
+def sampler_settings(
+    strategy="low_confidence_dynamic", threshold=0.5, temperature=1.0, top_k=0, top_p=1.0, steps=3
+):
+    return {
+        "strategy": strategy,
+        "threshold": threshold,
+        "denoising_steps": steps,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "engine": "torch",
+    }
 
 
 def estimator_log_probs(model, trajectories, sampler, estimator):
     """Per trajectory, the log-probability whose gradient the estimator follows, computed by
     dipo.py's own code: 'dipo' = the kept tokens' logprobs at temperature 1; 'exact' = the kept
     tokens under the sampling distribution plus every step's selection factor."""
-    records = [{"prompt_ids": PROMPT, "response_ids": list(tokens), "step_map": list(step_map)} for tokens, step_map in trajectories]
+    records = [
+        {"prompt_ids": PROMPT, "response_ids": list(tokens), "step_map": list(step_map)}
+        for tokens, step_map in trajectories
+    ]
     batch = dipo.build_batch(records, MASK, BLOCK, 0, row_len=256, all_masked=estimator == "exact")
     where = batch[2]
     cpu = torch.device("cpu")
-    logp, _, logq = dipo.forward_scores(model, batch, cpu, torch.float32, sampler if estimator == "exact" else None)
+    logp, _, logq = dipo.forward_scores(
+        model, batch, cpu, torch.float32, sampler if estimator == "exact" else None
+    )
     kept_record = where["record"][where["kept"]]
     total = torch.zeros(len(records), dtype=torch.float64)
     if estimator == "dipo":
@@ -106,8 +136,15 @@ def estimator_log_probs(model, trajectories, sampler, estimator):
     below = None
     if sampler["strategy"] != "sequential":
         units = int(where["unit"].max()) + 1
-        below = dipo.selection_sets(logq.detach(), where["token"], where["kept"], where["unit"], units,
-                                    sampler["strategy"], sampler["threshold"])
+        below = dipo.selection_sets(
+            logq.detach(),
+            where["token"],
+            where["kept"],
+            where["unit"],
+            units,
+            sampler["strategy"],
+            sampler["threshold"],
+        )
     tokens, selection = dipo.exact_terms(logq, where, below)
     total = total.index_add(0, kept_record, tokens)
     if selection is not None:
@@ -116,7 +153,9 @@ def estimator_log_probs(model, trajectories, sampler, estimator):
 
 
 def flat_grad(value, model):
-    return torch.cat([g.flatten() for g in torch.autograd.grad(value, list(model.parameters()), retain_graph=True)])
+    return torch.cat(
+        [g.flatten() for g in torch.autograd.grad(value, list(model.parameters()), retain_graph=True)]
+    )
 
 
 CASES = {
@@ -137,14 +176,18 @@ def test_exact_estimator_is_the_true_gradient_of_the_expected_reward(case):
     prob = torch.stack(list(trajectories.values()))  # [T]
     rewards = torch.tensor([reward(tokens) for tokens, _ in trajectories], dtype=torch.float64)
     assert abs(prob.sum().item() - 1) < 1e-12
-    if sampler["strategy"] == "low_confidence_dynamic":  # both kinds of step occur: threshold (several kept) and fallback
+    if (
+        sampler["strategy"] == "low_confidence_dynamic"
+    ):  # both kinds of step occur: threshold (several kept) and fallback
         steps = [len(set(step_map)) for _, step_map in trajectories]
         assert sum(p for p, n in zip(prob.tolist(), steps) if n < BLOCK) > 0.01
         assert sum(p for p, n in zip(prob.tolist(), steps) if n == BLOCK) > 0.01
     true_grad = flat_grad((prob * rewards).sum(), model)  # d/dtheta E[r]
 
     log_p_exact = estimator_log_probs(model, list(trajectories), sampler, "exact")
-    torch.testing.assert_close(log_p_exact.exp(), prob.detach(), rtol=1e-10, atol=1e-13)  # the closed form is the probability
+    torch.testing.assert_close(
+        log_p_exact.exp(), prob.detach(), rtol=1e-10, atol=1e-13
+    )  # the closed form is the probability
     # E[A * grad log P] summed exactly over trajectories, with A = r - E[r] as GRPO's group mean
     # approximates it (the exact estimator does not need the baseline; plain DiPO is closer with it)
     weight = (prob * (rewards - (prob * rewards).sum())).detach()
@@ -171,8 +214,12 @@ def test_the_sampler_draws_trajectories_with_the_enumerated_probabilities():
         dipo_weights = estimator_log_probs(model.double(), list(trajectories), sampler, "dipo").exp().tolist()
         model.float()
     n = 20_000
-    cfg = rollout.Config(strategy=sampler["strategy"], threshold=sampler["threshold"], temperature=1.0, max_new_tokens=BLOCK)
-    results = rollout.generate(model, [PROMPT] * n, [torch.Generator().manual_seed(i) for i in range(n)], cfg, stop_ids=set())
+    cfg = rollout.Config(
+        strategy=sampler["strategy"], threshold=sampler["threshold"], temperature=1.0, max_new_tokens=BLOCK
+    )
+    results = rollout.generate(
+        model, [PROMPT] * n, [torch.Generator().manual_seed(i) for i in range(n)], cfg, stop_ids=set()
+    )
     seen = Counter((tuple(r["response_ids"]), tuple(r["step_map"])) for r in results)
     assert set(seen) <= set(trajectories)  # nothing the enumeration calls impossible
 
@@ -184,24 +231,39 @@ def test_the_sampler_draws_trajectories_with_the_enumerated_probabilities():
         return stat, len(big)
 
     stat, dof = chi_square(trajectories)
-    assert dof > 20 and stat < dof + 6 * (2 * dof) ** 0.5, f"chi-square {stat:.1f} with {dof} degrees of freedom"
+    assert dof > 20 and stat < dof + 6 * (2 * dof) ** 0.5, (
+        f"chi-square {stat:.1f} with {dof} degrees of freedom"
+    )
     total = sum(dipo_weights)  # the kept tokens' probabilities alone, renormalised
     wrong, _ = chi_square({k: w / total for k, w in zip(trajectories, dipo_weights)})
-    assert wrong > 10 * (dof + 6 * (2 * dof) ** 0.5), f"the test should reject the selection-free distribution ({wrong:.1f})"
+    assert wrong > 10 * (dof + 6 * (2 * dof) ** 0.5), (
+        f"the test should reject the selection-free distribution ({wrong:.1f})"
+    )
 
 
 def test_exact_script_is_invariant_to_micro_batches_and_processes_and_refuses_what_it_cannot_score(tmp_path):
     from test_dipo import metrics, run_dipo, sample, update_copies
 
-    runs = update_copies(tmp_path, {"dipo": [], "mb16": ["--estimator", "exact"], "mb1": ["--estimator", "exact", "--micro-batch-size", 1]},
-                         two_processes=["--estimator", "exact"])
+    runs = update_copies(
+        tmp_path,
+        {
+            "dipo": [],
+            "mb16": ["--estimator", "exact"],
+            "mb1": ["--estimator", "exact", "--micro-batch-size", 1],
+        },
+        two_processes=["--estimator", "exact"],
+    )
     base = tmp_path / "base"
     m = {name: metrics(run)[-1] for name, run in runs.items()}
     for name in ("mb1", "two"):
         assert m[name]["loss"] == pytest.approx(m["mb16"]["loss"], rel=1e-4, abs=1e-7)
         assert m[name]["grad_norm"] == pytest.approx(m["mb16"]["grad_norm"], rel=1e-4)
-        assert m[name]["selection_to_token_logp"] == pytest.approx(m["mb16"]["selection_to_token_logp"], rel=1e-4)
-    assert m["mb16"]["selection_to_token_logp"] > 0.01  # these rollouts left positions masked: the factor is there
+        assert m[name]["selection_to_token_logp"] == pytest.approx(
+            m["mb16"]["selection_to_token_logp"], rel=1e-4
+        )
+    assert (
+        m["mb16"]["selection_to_token_logp"] > 0.01
+    )  # these rollouts left positions masked: the factor is there
     assert -1 <= m["mb16"]["grad_cosine_dipo_exact"] < 0.9999 and m["mb16"]["selection_to_token_grad"] > 0
     assert m["mb16"]["grad_norm"] != pytest.approx(m["dipo"]["grad_norm"], rel=1e-3)
     assert "grad_cosine_dipo_exact" not in m["two"]  # one process only
@@ -212,9 +274,14 @@ def test_exact_script_is_invariant_to_micro_batches_and_processes_and_refuses_wh
 
     path = base / "rollouts" / "step_000000.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    for change, message in (({"temperature": 0.0}, "greedy"), ({"engine": "lmdeploy"}, "rollout.py's own commit rule"),
-                            ({"strategy": "random"}, "no selection factor")):
-        path.write_text("".join(json.dumps({**r, "sampler": {**r["sampler"], **change}}) + "\n" for r in records))
+    for change, message in (
+        ({"temperature": 0.0}, "greedy"),
+        ({"engine": "lmdeploy"}, "rollout.py's own commit rule"),
+        ({"strategy": "random"}, "no selection factor"),
+    ):
+        path.write_text(
+            "".join(json.dumps({**r, "sampler": {**r["sampler"], **change}}) + "\n" for r in records)
+        )
         out = run_dipo(base, "--estimator", "exact")
         assert out.returncode == 1 and message in out.stderr, out.stderr
     out = run_dipo(base, "--estimator", "unbiased")

@@ -13,13 +13,16 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
 from safetensors.torch import load_file
 
 import dipo
+from conftest import ROOT
 
 MINIMAL = {
-    "STEPS": "2", "EVAL_EVERY": "1", "THREADS": "1", "SEED": "3",
+    "STEPS": "2",
+    "EVAL_EVERY": "1",
+    "THREADS": "1",
+    "SEED": "3",
     "SFT_ARGS": "--steps 6 --batch-size 4 --eval-docs 4 --save-every 2 --log-every 1",
     "ROLLOUT_ARGS": "--num-prompts 3 --group-size 3 --max-new-tokens 8",
     "EVAL_ARGS": "--group-size 2 --max-new-tokens 8",
@@ -29,8 +32,16 @@ RECORD_KEYS = set(dipo.RECORD_KEYS) | {"question", "ground_truth_answer", "text"
 
 def demo(run, test_file, **popen):
     env = {**os.environ, **MINIMAL, "RUN": str(run), "TEST": str(test_file)}
-    return subprocess.Popen(["bash", str(ROOT / "demo.sh")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+    return subprocess.Popen(
+        ["bash", str(ROOT / "demo.sh")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **popen,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +66,43 @@ def lines(run):
 
 def test_demo_runs_the_whole_pipeline_and_leaves_well_formed_files(reference):
     run, out = reference
-    assert re.search(r"step_000000\.jsonl\s+step_000002\.jsonl", out)  # eval.py prints before and after side by side
+    assert re.search(
+        r"step_000000\.jsonl\s+step_000002\.jsonl", out
+    )  # eval.py prints before and after side by side
     assert (run / "policy" / "latest").read_text().strip() == "step_000002"
-    assert sorted(p.name for p in (run / "policy").iterdir() if p.is_dir()) == ["step_000000", "step_000001", "step_000002"]
+    assert sorted(p.name for p in (run / "policy").iterdir() if p.is_dir()) == [
+        "step_000000",
+        "step_000001",
+        "step_000002",
+    ]
     assert torch.load(run / "dipo_state.pt", weights_only=True)["step"] == 2
     for k in (0, 1):
-        records = [json.loads(line) for line in (run / "rollouts" / f"step_{k:06d}.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line) for line in (run / "rollouts" / f"step_{k:06d}.jsonl").read_text().splitlines()
+        ]
         assert len(records) == 9 and {r["policy_step"] for r in records} == {k}
-        assert all(RECORD_KEYS <= set(r) and len(r["step_map"]) == len(r["response_ids"]) == len(r["logprobs"]) for r in records)
+        assert all(
+            RECORD_KEYS <= set(r) and len(r["step_map"]) == len(r["response_ids"]) == len(r["logprobs"])
+            for r in records
+        )
     for k in (0, 1, 2):
-        records = [json.loads(line) for line in (run / "eval" / f"step_{k:06d}.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line) for line in (run / "eval" / f"step_{k:06d}.jsonl").read_text().splitlines()
+        ]
         assert len(records) == 12 and {r["policy_step"] for r in records} == {k}  # 6 test problems x 2
     metrics = lines(run)
     assert all("time" in m for m in metrics)
     starts = [m for m in metrics if m.get("event") == "start"]
-    assert [m["stage"] for m in starts] == ["sft", "rollout", "dipo", "rollout", "dipo"]  # held-out rollouts are not the run's
-    assert all(m["packages"]["torch"] and "git_commit" in m and m["config"]["run"] == str(run) for m in starts)
+    assert [m["stage"] for m in starts] == [
+        "sft",
+        "rollout",
+        "dipo",
+        "rollout",
+        "dipo",
+    ]  # held-out rollouts are not the run's
+    assert all(
+        m["packages"]["torch"] and "git_commit" in m and m["config"]["run"] == str(run) for m in starts
+    )
     assert [m["step"] for m in metrics if m["stage"] == "rollout" and "event" not in m] == [0, 1]
     assert [m["step"] for m in metrics if m["stage"] == "dipo" and "event" not in m] == [1, 2]
     assert [m["step"] for m in metrics if m["stage"] == "eval"] == [0, 1, 2]
@@ -86,7 +118,9 @@ def comparable(run):
     last = {}  # a kill just before a commit point repeats that step's line: the last one counts
     for m in lines(run):
         if "event" not in m and m["stage"] != "sft":  # sft logs its steps again after a resume
-            last[m["stage"], m["step"]] = {k: v for k, v in m.items() if k not in skip and not k.startswith("time_")}
+            last[m["stage"], m["step"]] = {
+                k: v for k, v in m.items() if k not in skip and not k.startswith("time_")
+            }
     return files, weights, last
 
 
@@ -114,7 +148,10 @@ def test_killed_anywhere_the_same_command_finishes_the_same_run(reference, test_
         ("during sft, after a save", lambda: (run / "sft").is_dir()),
         ("during the first rollout", lambda: started("rollout")),
         ("during the first update", lambda: started("dipo")),
-        ("during the second update, a random moment", lambda: started("dipo", 2) and time.sleep(random.uniform(0, 3)) is None),
+        (
+            "during the second update, a random moment",
+            lambda: started("dipo", 2) and time.sleep(random.uniform(0, 3)) is None,
+        ),
     ]
     for name, ready in kill_points:
         kill_when(demo(run, test_file), ready)

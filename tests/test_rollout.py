@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_same_records
 
 import attention
 import common
 import rollout
+from conftest import ROOT, assert_same_records
 
 PROMPT_LENGTHS = [5, 8, 11, 3, 14]  # mixed, including whole blocks (8) and a prompt shorter than a block (3)
 
@@ -29,8 +29,15 @@ def stopping_model():
 
 
 def sampler_cfg(**kw):
-    base = dict(strategy="low_confidence_dynamic", threshold=0.05, denoising_steps=4, temperature=1.0,
-                top_k=0, top_p=1.0, max_new_tokens=16)
+    base = dict(
+        strategy="low_confidence_dynamic",
+        threshold=0.05,
+        denoising_steps=4,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=16,
+    )
     return rollout.Config(**{**base, **kw})
 
 
@@ -59,9 +66,13 @@ def reference_generate(model, prompt, generator, cfg, stop_ids):
         while masked.any():
             seq = torch.tensor([done + block])
             length = seq.shape[1]
-            logits = attention.forward_layout(model, seq, attention.make_layout([[(length, 0, length)]], b))[:, -b:]
+            logits = attention.forward_layout(model, seq, attention.make_layout([[(length, 0, length)]], b))[
+                :, -b:
+            ]
             uniforms = torch.rand(b, generator=generator)[None]
-            tokens, confidence, logp = rollout.sample_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms)
+            tokens, confidence, logp = rollout.sample_tokens(
+                logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms
+            )
             quota = torch.tensor([rollout.static_quota(to_commit.item(), cfg.denoising_steps, step)])
             commit = rollout.choose_commits(confidence, masked, cfg.strategy, cfg.threshold, quota)[0]
             for i in commit.nonzero().flatten().tolist():
@@ -92,7 +103,9 @@ def test_kv_cached_sampler_equals_recompute_everything(stopping_model, strategy)
         assert got["response_ids"] == want["response_ids"]
         assert got["step_map"] == want["step_map"]
         assert got["finish"] == want["finish"]
-        torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]), atol=1e-4, rtol=1e-4
+        )
     assert {r["finish"] for r in cached} == {"stop", "length"}  # both endings are exercised
 
 
@@ -112,8 +125,14 @@ def test_batch_of_64_with_mixed_lengths_equals_recompute_everything(stopping_mod
     cached = rollout.generate(model, prompts, generators(64), cfg, stop_ids)
     for prompt, gen, got in zip(prompts, generators(64), cached):
         want = reference_generate(model, prompt, gen, cfg, stop_ids)
-        assert (got["response_ids"], got["step_map"], got["finish"]) == (want["response_ids"], want["step_map"], want["finish"])
-        torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]), atol=1e-4, rtol=1e-4)
+        assert (got["response_ids"], got["step_map"], got["finish"]) == (
+            want["response_ids"],
+            want["step_map"],
+            want["finish"],
+        )
+        torch.testing.assert_close(
+            torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]), atol=1e-4, rtol=1e-4
+        )
     first_block = [-len(p) % 4 or 4 for p in prompts]  # response tokens in each row's first block
     assert any(r["finish"] == "stop" and len(r["response_ids"]) <= k for r, k in zip(cached, first_block))
     assert any(r["finish"] == "length" for r in cached)
@@ -126,8 +145,14 @@ def test_batch_of_one_equals_batch_of_64(stopping_model):
     together = rollout.generate(model, prompts, generators(64), cfg, stop_ids)
     alone = [rollout.generate(model, [p], [g], cfg, stop_ids)[0] for p, g in zip(prompts, generators(64))]
     for a, b in zip(together, alone):
-        assert (a["response_ids"], a["step_map"], a["finish"]) == (b["response_ids"], b["step_map"], b["finish"])
-        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) <= 1e-5  # another batch shape: rounding
+        assert (a["response_ids"], a["step_map"], a["finish"]) == (
+            b["response_ids"],
+            b["step_map"],
+            b["finish"],
+        )
+        assert (
+            max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) <= 1e-5
+        )  # another batch shape: rounding
 
 
 def test_every_forward_row_has_work(stopping_model):
@@ -139,8 +164,9 @@ def test_every_forward_row_has_work(stopping_model):
     cfg, stop_ids = sampler_cfg(max_new_tokens=40), {tokenizer.eos_token_id}
     prompts = prompts_of(PROMPT_LENGTHS)
     shapes = []
-    hook = model.register_forward_hook(lambda m, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)),
-                                       with_kwargs=True)
+    hook = model.register_forward_hook(
+        lambda m, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
     try:
         results = rollout.generate(model, prompts, generators(len(prompts)), cfg, stop_ids)
     finally:
@@ -151,7 +177,7 @@ def test_every_forward_row_has_work(stopping_model):
         first = -len(p) % b or b  # response tokens in the first block
         sizes = [first] + [b] * -(-(len(r["response_ids"]) - first) // b)
         cuts = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
-        steps = [max(r["step_map"][cuts[k]:cuts[k + 1]]) + 1 for k in range(len(sizes))]
+        steps = [max(r["step_map"][cuts[k] : cuts[k + 1]]) + 1 for k in range(len(sizes))]
         assert sum(steps) == r["forwards"]
         expected += sum(steps)
     rows = [rows for rows, _ in shapes]
@@ -167,15 +193,23 @@ def test_evaluation_switches_ban_eos_and_early_stops(stopping_model):
     model, tokenizer = stopping_model
     eos, im_end = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)
     prompts = prompts_of(PROMPT_LENGTHS)
-    plain = rollout.generate(model, prompts, generators(len(prompts)), sampler_cfg(max_new_tokens=24), {eos, im_end})
+    plain = rollout.generate(
+        model, prompts, generators(len(prompts)), sampler_cfg(max_new_tokens=24), {eos, im_end}
+    )
     assert any(eos in r["response_ids"] for r in plain)
     cfg = sampler_cfg(max_new_tokens=24, ban_eos=True, min_new_tokens=10)
     switched = rollout.generate(model, prompts, generators(len(prompts)), cfg, {im_end})
     for r in switched:
         assert eos not in r["response_ids"] and im_end not in r["response_ids"][:10]
         assert len(r["response_ids"]) >= 10 or r["finish"] == "length"
-    banned = rollout.banned_tokens(cfg, 6, eos_id=5, stop_ids={4, 5}, response_index=torch.tensor([[-1, 9, 10]]))
-    assert banned[0, :, 5].all() and banned[0, :, 4].tolist() == [True, True, False] and not banned[..., :4].any()
+    banned = rollout.banned_tokens(
+        cfg, 6, eos_id=5, stop_ids={4, 5}, response_index=torch.tensor([[-1, 9, 10]])
+    )
+    assert (
+        banned[0, :, 5].all()
+        and banned[0, :, 4].tolist() == [True, True, False]
+        and not banned[..., :4].any()
+    )
     assert rollout.banned_tokens(sampler_cfg(), 6, 5, {4, 5}, torch.tensor([[0]])) is None
 
 
@@ -188,7 +222,10 @@ def test_commit_rules():
     conf = torch.tensor([[0.2, 0.95, 0.5, 0.91], [0.3, 0.1, 0.2, 0.05]])
     masked = torch.tensor([[True, True, True, False], [False, True, True, True]])
     dynamic = rollout.choose_commits(conf, masked, "low_confidence_dynamic", threshold=0.9)
-    assert dynamic.tolist() == [[False, True, False, False], [False, False, True, False]]  # above 0.9, or the best
+    assert dynamic.tolist() == [
+        [False, True, False, False],
+        [False, False, True, False],
+    ]  # above 0.9, or the best
     static = rollout.choose_commits(conf, masked, "low_confidence_static", quota=torch.tensor([2, 1]))
     assert static.tolist() == [[False, True, True, False], [False, False, True, False]]
     sequential = rollout.choose_commits(conf, masked, "sequential")
@@ -201,9 +238,17 @@ def test_sample_tokens_filters_and_reports_the_unfiltered_logprob():
     logits = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]))
     u = torch.tensor([[0.99]])
     tok, conf, logp = rollout.sample_tokens(logits, 1.0, 0, 1.0, u)
-    assert tok.item() == 3 and conf.item() == pytest.approx(0.05) and logp.item() == pytest.approx(torch.log(torch.tensor(0.05)).item())
+    assert (
+        tok.item() == 3
+        and conf.item() == pytest.approx(0.05)
+        and logp.item() == pytest.approx(torch.log(torch.tensor(0.05)).item())
+    )
     tok, conf, logp = rollout.sample_tokens(logits, 1.0, 2, 1.0, u)  # top-k 2: renormalised over 0.5, 0.3
-    assert tok.item() == 1 and conf.item() == pytest.approx(0.3 / 0.8) and logp.item() == pytest.approx(torch.log(torch.tensor(0.3)).item())
+    assert (
+        tok.item() == 1
+        and conf.item() == pytest.approx(0.3 / 0.8)
+        and logp.item() == pytest.approx(torch.log(torch.tensor(0.3)).item())
+    )
     tok, _, _ = rollout.sample_tokens(logits, 1.0, 0, 0.7, u)  # top-p 0.7 keeps 0.5 and 0.3
     assert tok.item() == 1
     tok, conf, _ = rollout.sample_tokens(logits, 0.0, 0, 1.0, u)  # greedy
@@ -230,15 +275,23 @@ def read_records(path):
 
 
 def run_rollout(args):
-    return subprocess.run([sys.executable, str(ROOT / "rollout.py"), "--threads", "1", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "rollout.py"), "--threads", "1", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def test_every_recorded_logprob_is_the_models_in_the_state_its_step_map_implies(run_dir, stopping_model):
     model, tokenizer = stopping_model
-    cfg = rollout.Config(run=str(run_dir), num_prompts=3, group_size=2, threshold=0.05, max_new_tokens=12, threads=1)
+    cfg = rollout.Config(
+        run=str(run_dir), num_prompts=3, group_size=2, threshold=0.05, max_new_tokens=12, threads=1
+    )
     rollout.main(cfg)
-    records = [json.loads(line) for line in (run_dir / "rollouts" / "step_000003.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (run_dir / "rollouts" / "step_000003.jsonl").read_text().splitlines()
+    ]
     assert len(records) == 6 and all(r["policy_step"] == 3 for r in records)
     b, mask_id = model.config.block_size, model.config.mask_token_id
     for r in records:
@@ -251,13 +304,18 @@ def test_every_recorded_logprob_is_the_models_in_the_state_its_step_map_implies(
             # prompt + earlier blocks clean; in this block, tokens of earlier steps revealed
             state = full[:block_start] + [
                 full[q] if q < len(prompt) or r["step_map"][q - len(prompt)] < step else mask_id
-                for q in range(block_start, block_start + b)]
+                for q in range(block_start, block_start + b)
+            ]
             length = len(state)
             with torch.no_grad():
-                logits = attention.forward_layout(model, torch.tensor([state]), attention.make_layout([[(length, 0, length)]], b))
+                logits = attention.forward_layout(
+                    model, torch.tensor([state]), attention.make_layout([[(length, 0, length)]], b)
+                )
             logp = torch.log_softmax(logits[0, pos].float(), -1)[token].item()
             assert logp == pytest.approx(r["logprobs"][t], abs=1e-4)
-        stop = rollout.stop_index(response, {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)})
+        stop = rollout.stop_index(
+            response, {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)}
+        )
         assert r["text"] == tokenizer.decode(response[:stop])
         assert r["finish"] == ("stop" if stop < len(response) else "length")
         if r["finish"] == "stop":  # the record ends with the block that holds the stop token
@@ -265,11 +323,29 @@ def test_every_recorded_logprob_is_the_models_in_the_state_its_step_map_implies(
     # the same step again keeps the file; --force with the same seed writes the same records
     path = run_dir / "rollouts" / "step_000003.jsonl"
     path.write_text(path.read_text() + "\n")  # a marker: a rewrite would drop it
-    again = run_rollout(["--run", run_dir, "--num-prompts", 3, "--group-size", 2, "--threshold", 0.05, "--max-new-tokens", 12])
+    again = run_rollout(
+        ["--run", run_dir, "--num-prompts", 3, "--group-size", 2, "--threshold", 0.05, "--max-new-tokens", 12]
+    )
     assert again.returncode == 0 and "keeping it" in again.stdout and path.read_text().endswith("\n\n")
-    forced = run_rollout(["--run", run_dir, "--num-prompts", 3, "--group-size", 2, "--threshold", 0.05, "--max-new-tokens", 12, "--force"])
+    forced = run_rollout(
+        [
+            "--run",
+            run_dir,
+            "--num-prompts",
+            3,
+            "--group-size",
+            2,
+            "--threshold",
+            0.05,
+            "--max-new-tokens",
+            12,
+            "--force",
+        ]
+    )
     assert forced.returncode == 0, forced.stderr
-    assert [json.loads(line) for line in (run_dir / "rollouts" / "step_000003.jsonl").read_text().splitlines()] == records
+    assert [
+        json.loads(line) for line in (run_dir / "rollouts" / "step_000003.jsonl").read_text().splitlines()
+    ] == records
 
 
 def test_bad_inputs_are_refused(run_dir, tmp_path):
@@ -316,32 +392,65 @@ def test_cuda_sampler_equals_recompute_everything(stopping_model):
         assert got["response_ids"] == want["response_ids"] and got["step_map"] == want["step_map"]
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and lmdeploy_installed()), reason="needs CUDA and lmdeploy")
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and lmdeploy_installed()), reason="needs CUDA and lmdeploy"
+)
 def test_lmdeploy_engine_samples_or_says_why_not(run_dir, tmp_path):
-    out = run_rollout(["--run", run_dir, "--engine", "lmdeploy", "--dtype", "bfloat16", "--out", tmp_path / "o.jsonl"])
+    out = run_rollout(
+        ["--run", run_dir, "--engine", "lmdeploy", "--dtype", "bfloat16", "--out", tmp_path / "o.jsonl"]
+    )
     if out.returncode != 0:  # a stock build: refused with the reason
         assert "Response.step_map" in out.stderr
         return
     records = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
-    assert records and all(len(r["step_map"]) == len(r["response_ids"]) == len(r["logprobs"]) for r in records)
+    assert records and all(
+        len(r["step_map"]) == len(r["response_ids"]) == len(r["logprobs"]) for r in records
+    )
     assert "engine-trainer logprob gap" in out.stdout or "no logprobs" in out.stdout
 
 
 def test_lmdeploy_settings_follow_our_flags():
-    cfg = rollout.Config(strategy="low_confidence_dynamic", threshold=0.8, temperature=1.0, top_k=50, top_p=0.9,
-                         max_new_tokens=64, dtype="bfloat16", tp=2)
+    cfg = rollout.Config(
+        strategy="low_confidence_dynamic",
+        threshold=0.8,
+        temperature=1.0,
+        top_k=50,
+        top_p=0.9,
+        max_new_tokens=64,
+        dtype="bfloat16",
+        tp=2,
+    )
     engine, generation = rollout.lmdeploy_settings(cfg, block_size=4)
-    assert engine == {"dllm_block_length": 4, "dllm_unmasking_strategy": "low_confidence_dynamic", "dllm_denoising_steps": 4,
-                      "dllm_confidence_threshold": 0.8, "dtype": "bfloat16", "tp": 2}
-    assert generation == {"do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 0.9, "max_new_tokens": 64, "logprobs": 1}
-    cfg.strategy, cfg.denoising_steps = "sequential", 2  # ours commits one token per step: LMDeploy's with b steps
+    assert engine == {
+        "dllm_block_length": 4,
+        "dllm_unmasking_strategy": "low_confidence_dynamic",
+        "dllm_denoising_steps": 4,
+        "dllm_confidence_threshold": 0.8,
+        "dtype": "bfloat16",
+        "tp": 2,
+    }
+    assert generation == {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_k": 50,
+        "top_p": 0.9,
+        "max_new_tokens": 64,
+        "logprobs": 1,
+    }
+    cfg.strategy, cfg.denoising_steps = (
+        "sequential",
+        2,
+    )  # ours commits one token per step: LMDeploy's with b steps
     assert rollout.lmdeploy_settings(cfg, 4)[0]["dllm_denoising_steps"] == 4
     cfg.strategy, cfg.temperature = "low_confidence_static", 0.0
     engine, generation = rollout.lmdeploy_settings(cfg, 4)
     assert engine["dllm_denoising_steps"] == 2 and not generation["do_sample"]
     cfg.min_new_tokens, cfg.ban_eos = 128, True  # DiRL's evaluation switches
-    assert {k: v for k, v in rollout.lmdeploy_settings(cfg, 4, eos_id=7)[1].items() if k in ("min_new_tokens", "bad_token_ids")} \
-        == {"min_new_tokens": 128, "bad_token_ids": [7]}
+    assert {
+        k: v
+        for k, v in rollout.lmdeploy_settings(cfg, 4, eos_id=7)[1].items()
+        if k in ("min_new_tokens", "bad_token_ids")
+    } == {"min_new_tokens": 128, "bad_token_ids": [7]}
     cfg.denoising_steps = 3  # LMDeploy's quota is b // steps: a remainder would not be split as ours is
     with pytest.raises(ValueError, match="must divide the block size"):
         rollout.lmdeploy_settings(cfg, 4)
@@ -353,29 +462,43 @@ def test_engine_step_counters_become_in_block_step_maps():
     # prompt of 5 tokens, block 4: response positions 5-7 end block 1, 8-11 are block 2; the
     # engine's counter runs on across blocks and starts anywhere
     lps = [{t: -0.1 * t, 99: -5.0} for t in (10, 11, 12, 13, 14, 15, 16)]
-    ids, steps, logprobs, finish = rollout.record_from_engine(5, [10, 11, 12, 13, 14, 15, 16], [2, 1, 1, 3, 4, 4, 5], lps,
-                                                              "stop", 4)
+    ids, steps, logprobs, finish = rollout.record_from_engine(
+        5, [10, 11, 12, 13, 14, 15, 16], [2, 1, 1, 3, 4, 4, 5], lps, "stop", 4
+    )
     assert ids == [10, 11, 12, 13, 14, 15, 16] and steps == [1, 0, 0, 0, 1, 1, 2] and finish == "stop"
     assert logprobs == pytest.approx([-1.0, -1.1, -1.2, -1.3, -1.4, -1.5, -1.6])
     assert rollout.record_from_engine(5, [10, 11], [7, 7], None, "length", 4)[1:3] == ([0, 0], None)
-    for args, message in (((5, [10, 11, 12], [1, 3, 3], None, "stop", 4), "not consecutive"),  # a step that unmasked nothing
-                          ((5, [10, 11], [1], None, "stop", 4), "step_map entries"),
-                          ((5, [10], [1], [{11: -1.0}], "stop", 4), "no logprob"),
-                          ((5, [10], [1], None, "abort", 4), "finish_reason")):
+    for args, message in (
+        ((5, [10, 11, 12], [1, 3, 3], None, "stop", 4), "not consecutive"),  # a step that unmasked nothing
+        ((5, [10, 11], [1], None, "stop", 4), "step_map entries"),
+        ((5, [10], [1], [{11: -1.0}], "stop", 4), "no logprob"),
+        ((5, [10], [1], None, "abort", 4), "finish_reason"),
+    ):
         with pytest.raises(ValueError, match=message):
             rollout.record_from_engine(*args)
 
 
 def test_engine_logprobs_are_checked_against_ours(run_dir, stopping_model, tmp_path):
     model, _ = stopping_model
-    rollout.main(rollout.Config(run=str(run_dir), out=str(tmp_path / "r.jsonl"), num_prompts=3, group_size=2, threshold=0.05,
-                                max_new_tokens=12, threads=1))
+    rollout.main(
+        rollout.Config(
+            run=str(run_dir),
+            out=str(tmp_path / "r.jsonl"),
+            num_prompts=3,
+            group_size=2,
+            threshold=0.05,
+            max_new_tokens=12,
+            threads=1,
+        )
+    )
     records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     check = rollout.check_engine_logprobs(model, records, sample_size=100)
     assert check["engine_logprobs"] and check["engine_mismatch_records"] == len(records)
     assert check["engine_mismatch_max"] < 1e-4  # our own sampler's logprobs: the same model, the same states
     records[1]["logprobs"][0] += 0.5
-    assert rollout.check_engine_logprobs(model, records, 100)["engine_mismatch_max"] == pytest.approx(0.5, abs=1e-4)
+    assert rollout.check_engine_logprobs(model, records, 100)["engine_mismatch_max"] == pytest.approx(
+        0.5, abs=1e-4
+    )
     wanted = [r["logprobs"] for r in records[2:]]
     for r in records[2:]:
         r["logprobs"] = None  # an engine that gives none: every record is re-scored by our model
@@ -386,15 +509,45 @@ def test_engine_logprobs_are_checked_against_ours(run_dir, stopping_model, tmp_p
 
 def run_with_fake_lmdeploy(args, **env):
     """rollout.py --engine lmdeploy against tests/fake_lmdeploy: our sampler in LMDeploy's output layout."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fake_lmdeploy"), str(ROOT)]), **env}
-    return subprocess.run([sys.executable, str(ROOT / "rollout.py"), "--threads", "1", "--engine", "lmdeploy",
-                           "--dtype", "bfloat16", *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "fake_lmdeploy"), str(ROOT)]),
+        **env,
+    }
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "rollout.py"),
+            "--threads",
+            "1",
+            "--engine",
+            "lmdeploy",
+            "--dtype",
+            "bfloat16",
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def test_lmdeploy_engine_path_writes_our_records(run_dir, tmp_path, stopping_model):
     _, tokenizer = stopping_model
     stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)}
-    args = ["--run", run_dir, "--num-prompts", 3, "--group-size", 2, "--threshold", 0.05, "--max-new-tokens", 12]
+    args = [
+        "--run",
+        run_dir,
+        "--num-prompts",
+        3,
+        "--group-size",
+        2,
+        "--threshold",
+        0.05,
+        "--max-new-tokens",
+        12,
+    ]
     ours = run_rollout(args + ["--out", tmp_path / "torch.jsonl"])
     assert ours.returncode == 0, ours.stderr
     engine = run_with_fake_lmdeploy(args + ["--out", tmp_path / "engine.jsonl"])
@@ -404,17 +557,34 @@ def test_lmdeploy_engine_path_writes_our_records(run_dir, tmp_path, stopping_mod
     got = [json.loads(line) for line in (tmp_path / "engine.jsonl").read_text().splitlines()]
     assert len(got) == len(want) == 6
     for w, g in zip(want, got):
-        n = rollout.stop_index(w["response_ids"], stop_ids) + 1 if w["finish"] == "stop" else len(w["response_ids"])
+        n = (
+            rollout.stop_index(w["response_ids"], stop_ids) + 1
+            if w["finish"] == "stop"
+            else len(w["response_ids"])
+        )
         assert g["response_ids"] == w["response_ids"][:n]  # LMDeploy's response ends at the stop token
         # the fake engine samples one sequence at a time, ours the whole batch: logprobs to rounding
-        assert g["step_map"] == w["step_map"][:n] and g["logprobs"] == pytest.approx(w["logprobs"][:n], abs=1e-5)
-        assert (g["text"], g["reward"], g["finish"], g["sampler"]["engine"]) == (w["text"], w["reward"], w["finish"], "lmdeploy")
-    no_logprobs = run_with_fake_lmdeploy(args + ["--out", tmp_path / "filled.jsonl"], FAKE_LMDEPLOY_LOGPROBS="0")
+        assert g["step_map"] == w["step_map"][:n] and g["logprobs"] == pytest.approx(
+            w["logprobs"][:n], abs=1e-5
+        )
+        assert (g["text"], g["reward"], g["finish"], g["sampler"]["engine"]) == (
+            w["text"],
+            w["reward"],
+            w["finish"],
+            "lmdeploy",
+        )
+    no_logprobs = run_with_fake_lmdeploy(
+        args + ["--out", tmp_path / "filled.jsonl"], FAKE_LMDEPLOY_LOGPROBS="0"
+    )
     assert no_logprobs.returncode == 0 and "no logprobs" in no_logprobs.stdout
     filled = [json.loads(line) for line in (tmp_path / "filled.jsonl").read_text().splitlines()]
     assert all(len(r["logprobs"]) == len(r["response_ids"]) for r in filled)
     stock = run_with_fake_lmdeploy(args + ["--out", tmp_path / "stock.jsonl"], FAKE_LMDEPLOY_STEP_MAP="0")
-    assert stock.returncode != 0 and "does not return the step" in stock.stderr and not (tmp_path / "stock.jsonl").exists()
+    assert (
+        stock.returncode != 0
+        and "does not return the step" in stock.stderr
+        and not (tmp_path / "stock.jsonl").exists()
+    )
     fp32 = run_with_fake_lmdeploy(args + ["--out", tmp_path / "x.jsonl", "--dtype", "float32"])
     assert fp32.returncode != 0 and "pass --dtype bfloat16" in fp32.stderr
 
@@ -426,12 +596,30 @@ def test_prompt_selection_moves_on_with_the_policy_step():
 
 
 def test_two_processes_write_the_same_file_as_one(run_dir, tmp_path):
-    args = ["--run", run_dir, "--num-prompts", 3, "--group-size", 3, "--threshold", 0.5, "--max-new-tokens", 12, "--threads", 1]
+    args = [
+        "--run",
+        run_dir,
+        "--num-prompts",
+        3,
+        "--group-size",
+        3,
+        "--threshold",
+        0.5,
+        "--max-new-tokens",
+        12,
+        "--threads",
+        1,
+    ]
     one = run_rollout(args + ["--out", tmp_path / "one.jsonl"])
     assert one.returncode == 0, one.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--"]
-    two = subprocess.run(torchrun + [str(ROOT / "rollout.py"), *map(str, args), "--out", str(tmp_path / "two.jsonl")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    two = subprocess.run(
+        torchrun + [str(ROOT / "rollout.py"), *map(str, args), "--out", str(tmp_path / "two.jsonl")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     # two processes sample other batch shapes than one: the same records, logprobs to rounding
     assert_same_records(read_records(tmp_path / "two.jsonl"), read_records(tmp_path / "one.jsonl"))

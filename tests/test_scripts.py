@@ -5,23 +5,27 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
 from common import parse_config
+from conftest import ROOT
 
 SCRIPTS = sorted(p.name for p in ROOT.glob("*.py")) + ["data/arithmetic.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help(script):
-    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "usage:" in result.stdout
 
 
 @pytest.mark.parametrize("module", [s[:-3] for s in SCRIPTS if "/" not in s])
 def test_import_writes_nothing(module, tmp_path):
     code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import {module}"
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and list(tmp_path.iterdir()) == []
 
@@ -30,7 +34,7 @@ def test_import_writes_nothing(module, tmp_path):
 def test_shipped_configs_name_only_known_fields(config):
     stage = importlib.import_module(config.split("_")[0])
     cfg = parse_config(stage.Config, ["--config", str(ROOT / "configs" / config)])
-    tag = config[:-len(".json")].split("_")[1]
+    tag = config[: -len(".json")].split("_")[1]
     if tag.startswith("sdar"):  # one run dir per model, shared by its three stages
         assert cfg.run == f"runs/{tag}"
 
@@ -44,6 +48,15 @@ def test_no_stage_imports_another_stage():
     allowed = {"rollout": {"eval"}}
     for name in ("sft", "rollout", "dipo", "eval", "attention", "common"):
         tree = ast.parse((ROOT / f"{name}.py").read_text())
-        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        }
+        imported |= {
+            node.module.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module
+        }
         assert imported & stages <= allowed.get(name, set()), (name, imported & stages)

@@ -11,12 +11,12 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
 from safetensors.torch import load_file
 
 import attention
 import common
 import sft
+from conftest import ROOT
 
 MASK, PAD = 3, 0
 
@@ -35,7 +35,14 @@ def test_micro_batch_targets_weights_and_noisy_copy():
     prompt, response = [10, 11, 12, 13, 14], [20, 21, 22]  # 8 tokens = 2 blocks of 4
     masked = torch.tensor([False] * 5 + [True, False, True])
     ids, layout, rows, cols, targets, weights = sft.build_micro_batch(
-        [(prompt, response)], [(0.25, masked)], block_size=4, mask_id=MASK, pad_id=PAD, row_len=64, docs_in_batch=2)
+        [(prompt, response)],
+        [(0.25, masked)],
+        block_size=4,
+        mask_id=MASK,
+        pad_id=PAD,
+        row_len=64,
+        docs_in_batch=2,
+    )
     clean = prompt + response
     # noisy copy starts at the block holding the first response token (position 4)
     assert ids[0].tolist() == clean + [14, MASK, 21, MASK]
@@ -77,7 +84,9 @@ def test_gradient_is_the_same_for_one_batch_or_micro_batches_of_one():
     whole = grads(model)
     model.zero_grad()
     for d in range(6):
-        loss, *_ = sft.run_micro_batch(model, docs[d:d + 1], positions[d:d + 1], cfg, 6, torch.device("cpu"), torch.float32)
+        loss, *_ = sft.run_micro_batch(
+            model, docs[d : d + 1], positions[d : d + 1], cfg, 6, torch.device("cpu"), torch.float32
+        )
         loss.backward()
     assert torch.allclose(whole, grads(model), atol=1e-6, rtol=1e-4)
 
@@ -85,13 +94,21 @@ def test_gradient_is_the_same_for_one_batch_or_micro_batches_of_one():
 def test_documents_are_padded_to_blocks_and_overlong_ones_counted(tmp_path):
     _, tok = attention.load_model("tiny")
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"prompt": "1+1", "response": "2"}) + "\n"
-                    + json.dumps({"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4" * 300}]}) + "\n")
+    data.write_text(
+        json.dumps({"prompt": "1+1", "response": "2"})
+        + "\n"
+        + json.dumps(
+            {"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4" * 300}]}
+        )
+        + "\n"
+    )
     docs, overlong = sft.load_documents(data, tok, "", 4, 64, "skip")
     assert overlong == 1 and len(docs) == 1
     prompt, response = docs[0]
     assert (len(prompt) + len(response)) % 4 == 0
-    assert tok.decode(prompt + response).startswith("<|im_start|>user\n1+1<|im_end|>\n<|im_start|>assistant\n2<|im_end|>\n")
+    assert tok.decode(prompt + response).startswith(
+        "<|im_start|>user\n1+1<|im_end|>\n<|im_start|>assistant\n2<|im_end|>\n"
+    )
     assert response[-1] == tok.eos_token_id
     docs, overlong = sft.load_documents(data, tok, "", 4, 64, "truncate")
     assert overlong == 1 and len(docs) == 2 and len(docs[1][0]) + len(docs[1][1]) == 64
@@ -109,13 +126,33 @@ def small_data(tmp_path, n=48):
 
 def run_sft(args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "sft.py"), "--threads", "1", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, **kw)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "sft.py"), "--threads", "1", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        **kw,
+    )
 
 
 def sft_args(tmp_path, run, steps=30):
-    return ["--data", small_data(tmp_path), "--run", tmp_path / run, "--steps", steps, "--batch-size", 4,
-            "--eval-docs", 8, "--warmup-steps", 3, "--row-len", 256]
+    return [
+        "--data",
+        small_data(tmp_path),
+        "--run",
+        tmp_path / run,
+        "--steps",
+        steps,
+        "--batch-size",
+        4,
+        "--eval-docs",
+        8,
+        "--warmup-steps",
+        3,
+        "--row-len",
+        256,
+    ]
 
 
 def metrics(run):
@@ -134,7 +171,9 @@ def test_a_short_run_writes_a_checkpoint_that_loads(tmp_path):
     model, _ = attention.load_model(str(policy))
     assert model.config.block_size == 4 and model.config.instruction == ""
     lines = metrics(run)
-    assert [m["step"] for m in lines if "loss" in m] == [10, 20, 30] and all(m["stage"] == "sft" for m in lines)
+    assert [m["step"] for m in lines if "loss" in m] == [10, 20, 30] and all(
+        m["stage"] == "sft" for m in lines
+    )
     assert "held_out_loss" in lines[-1]
     assert json.loads((run / "config" / "sft.json").read_text())["steps"] == 30
     again = run_sft(sft_args(tmp_path, "a"))  # an existing run is not overwritten
@@ -144,8 +183,12 @@ def test_a_short_run_writes_a_checkpoint_that_loads(tmp_path):
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     args = sft_args(tmp_path, "k", steps=40) + ["--save-every", 10]
     assert run_sft(args[:3] + [tmp_path / "ref"] + args[4:]).returncode == 0
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sft.py"), "--threads", "1", *map(str, args)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "sft.py"), "--threads", "1", *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = tmp_path / "k" / "sft" / "trainer_state.pt"
     deadline = time.time() + 120
     while not state.exists() and time.time() < deadline:
@@ -174,8 +217,13 @@ def test_two_processes_give_the_same_losses_and_gradient_norms(tmp_path, dtype, 
     assert run_sft(args).returncode == 0
     two = args[:3] + [tmp_path / "two"] + args[4:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    out = subprocess.run(torchrun + ["--", str(ROOT / "sft.py"), "--threads", "1", *map(str, two)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    out = subprocess.run(
+        torchrun + ["--", str(ROOT / "sft.py"), "--threads", "1", *map(str, two)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     for a, b in zip(one[:3], two[:3]):
@@ -192,12 +240,21 @@ def test_two_processes_give_the_same_losses_and_gradient_norms(tmp_path, dtype, 
         torch.testing.assert_close(w2[name], w1[name], atol=1e-5 if dtype == "float32" else 8e-3, rtol=rel)
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, "no such data file"),
-    ('{"prompt": "1+1", "response": "2"}\nnot json\n', "sft.jsonl:2: not JSON"),
-    ('{"prompt": "1+1", "response": "2"}\n{"question": "1+1"}\n', "sft.jsonl:2: need 'messages' or 'prompt' + 'response'"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "sft.jsonl:1: the last message must be an assistant turn"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "no such data file"),
+        ('{"prompt": "1+1", "response": "2"}\nnot json\n', "sft.jsonl:2: not JSON"),
+        (
+            '{"prompt": "1+1", "response": "2"}\n{"question": "1+1"}\n',
+            "sft.jsonl:2: need 'messages' or 'prompt' + 'response'",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}]}\n',
+            "sft.jsonl:1: the last message must be an assistant turn",
+        ),
+    ],
+)
 def test_bad_input_exits_non_zero_naming_file_and_line(tmp_path, content, message):
     data = tmp_path / "sft.jsonl"
     if content is not None:

@@ -21,6 +21,7 @@ def read(path):
 
 def evaluate(question):
     """An independent evaluator: precedence by splitting, Fractions throughout."""
+
     def product(term):
         parts = re.split(r"([*/])", term)
         value = Fraction(parts[0])
@@ -36,9 +37,15 @@ def evaluate(question):
 
 
 def test_committed_files_are_what_the_generator_writes(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "data" / "arithmetic.py"), "--out", str(tmp_path)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "data" / "arithmetic.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     for split in SPLITS:
-        assert (tmp_path / f"arith_{split}.jsonl").read_text() == (ROOT / "data" / f"arith_{split}.jsonl").read_text(), split
+        assert (tmp_path / f"arith_{split}.jsonl").read_text() == (
+            ROOT / "data" / f"arith_{split}.jsonl"
+        ).read_text(), split
 
 
 def test_splits_are_disjoint_and_sized():
@@ -74,8 +81,20 @@ def test_fractions_option_gives_reduced_fractions():
 
 
 def test_too_small_problem_space_is_an_error():
-    result = subprocess.run([sys.executable, str(ROOT / "data" / "arithmetic.py"), "--max-ops", "1", "--num-sft", "1000",
-                             "--out", "/nonexistent-never-written"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "data" / "arithmetic.py"),
+            "--max-ops",
+            "1",
+            "--num-sft",
+            "1000",
+            "--out",
+            "/nonexistent-never-written",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "too small" in result.stderr
 
 
@@ -86,13 +105,18 @@ def test_tokenizer_roundtrips_every_string_of_the_task():
     for split in SPLITS:
         for row in read(ROOT / "data" / f"arith_{split}.jsonl"):
             question = row.get("prompt", row.get("question"))
-            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": row.get("response", row["ground_truth_answer"])}]
+            messages = [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": row.get("response", row["ground_truth_answer"])},
+            ]
             texts.append(attention.render_chat(messages))
     for text in texts:
         ids = tokenizer(text)["input_ids"]
         assert tokenizer.decode(ids) == text
         assert unknown not in ids  # no character fell back to the unknown token
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "1+2"}], tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "1+2"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered == attention.render_chat([{"role": "user", "content": "1+2"}], add_generation_prompt=True)
     special = [tokenizer.convert_tokens_to_ids(t) for t in attention.SPECIAL_TOKENS]
     assert tokenizer("<|im_start|>user\n<|MASK|><|im_end|>")["input_ids"][0] == special[1]

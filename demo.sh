@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 RUN=${RUN:-runs/arith}
 SEED=${SEED:-0}
-STEPS=${STEPS:-90}            # DiPO steps (about 28 minutes alone on 2 cores)
+STEPS=${STEPS:-90}            # DiPO steps (what one costs: the README's "Speed")
 EVAL_EVERY=${EVAL_EVERY:-20}  # held-out accuracy every this many steps (0 = only before and after)
 THREADS=${THREADS:-0}         # torch CPU threads (0 = torch's default)
 TEST=${TEST:-data/arith_test.jsonl}

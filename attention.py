@@ -307,6 +307,23 @@ def copy_column(first, length, noisy_from, k, pos):
     return first + length + k * (length - noisy_from) + pos - noisy_from
 
 
+def replay_positions(record, noisy_from, rounds, first, block_size, all_masked=False):
+    """Where a packed replay (replay_copies, pack_copies) scores a record: (column, token id,
+    index in the response, round, block) for every token each round commits, or with
+    all_masked every position it masks (the exact estimator's selection factor needs the
+    distribution at the ones not kept too). first: the record's first column in its row."""
+    clean = list(record["prompt_ids"]) + list(record["response_ids"])
+    prompt_len, step_map = len(record["prompt_ids"]), record["step_map"]
+    out = []
+    for k, s in enumerate(rounds):
+        for pos in range(max(noisy_from, prompt_len), len(clean)):
+            step = step_map[pos - prompt_len]
+            if step >= s and (all_masked or step == s):
+                col = copy_column(first, len(clean), noisy_from, k, pos)
+                out.append((col, clean[pos], pos - prompt_len, s, pos // block_size))
+    return out
+
+
 # ----------------------------------------------------------------------------- the text format
 
 

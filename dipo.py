@@ -150,23 +150,6 @@ def group_advantages(rewards, groups):
     return adv
 
 
-def scored_positions(record, noisy_from, rounds, first, block_size, all_masked=False):
-    """What round k of a record's replay scores: (column, token id, index in the response,
-    round, block) for every token the round commits, or with all_masked every position it
-    masks (the exact estimator's selection factor needs the distribution at the ones not
-    kept too). first: the record's first column in its packed row."""
-    clean = list(record["prompt_ids"]) + list(record["response_ids"])
-    prompt_len, step_map = len(record["prompt_ids"]), record["step_map"]
-    out = []
-    for k, s in enumerate(rounds):
-        for pos in range(max(noisy_from, prompt_len), len(clean)):
-            step = step_map[pos - prompt_len]
-            if step >= s and (all_masked or step == s):
-                col = attention.copy_column(first, len(clean), noisy_from, k, pos)
-                out.append((col, clean[pos], pos - prompt_len, s, pos // block_size))
-    return out
-
-
 def build_batch(records, mask_id, block_size, pad_id, row_len, rounds=None, all_masked=False):
     """Pack responses into rows of [clean ; one noisy copy per round] (attention.pack_copies).
     Returns input_ids [B, N], the Layout, and per scored position: row, column, token id,
@@ -187,7 +170,7 @@ def build_batch(records, mask_id, block_size, pad_id, row_len, rounds=None, all_
     for row_index, row in enumerate(rows):
         for i in row:
             noisy_from, record_rounds, _ = replays[i]
-            for col, token, t, s, block in scored_positions(
+            for col, token, t, s, block in attention.replay_positions(
                 records[i], noisy_from, record_rounds, first[i], block_size, all_masked
             ):
                 values = (

@@ -309,9 +309,13 @@ def generate(model, prompts, generators, cfg, stop_ids):
             chunk = block
         logits = forward(chunk)  # [R, W, V]
         offset = writing.long() * b  # [R] where the current block starts in the chunk
-        logits = logits.gather(
-            1, (offset[:, None] + torch.arange(b, device=device))[..., None].expand(-1, -1, logits.shape[-1])
-        )
+        if chunk.shape[1] > b:
+            logits = logits.gather(
+                1,
+                (offset[:, None] + torch.arange(b, device=device))[..., None].expand(
+                    -1, -1, logits.shape[-1]
+                ),
+            )
         cache.lengths += offset  # the written clean blocks are kept
 
         # every row draws a token at every position of its block and commits some of them
@@ -347,8 +351,9 @@ def generate(model, prompts, generators, cfg, stop_ids):
             result["response_ids"] += committed
             result["step_map"] += step_map[j][new[j]].tolist()
             result["logprobs"] += logprobs[j][new[j]].tolist()
-            if any(t in stop_ids for t in committed) or len(result["response_ids"]) >= cfg.max_new_tokens:
-                result["finish"] = "stop" if any(t in stop_ids for t in committed) else "length"
+            stopped = any(t in stop_ids for t in committed)
+            if stopped or len(result["response_ids"]) >= cfg.max_new_tokens:
+                result["finish"] = "stop" if stopped else "length"
                 writing[j] = False
         completed_block = torch.where(writing[:, None], block, completed_block)
         block[writing], masked[writing], new[writing] = mask_id, True, True  # the next block, all masked
@@ -534,37 +539,44 @@ def engine_view(policy, view):
 def rescore(model, records, micro_batch_size):
     """Our model's logprob (float32, temperature 1, unfiltered) of every response token in the
     state its step_map implies: the packed rows dipo.py trains with (attention.replay_copies,
-    attention.pack_copies), one forward per micro-batch. Returns one list per record."""
+    attention.pack_copies, attention.replay_positions), one forward per micro-batch. Returns
+    one list per record."""
     scores = [[0.0] * len(r["response_ids"]) for r in records]
     c = model.config
     for start in range(0, len(records), micro_batch_size):
         chunk = records[start : start + micro_batch_size]
-        documents, where = [], []  # where: (document, round, position) of every committed token
-        for d, r in enumerate(chunk):
-            noisy_from, rounds, copies = attention.replay_copies(
+        replays = [
+            attention.replay_copies(
                 r["prompt_ids"], r["response_ids"], r["step_map"], c.mask_token_id, c.block_size
             )
-            documents.append((list(r["prompt_ids"]) + list(r["response_ids"]), noisy_from, copies))
-            where += [(d, rounds.index(s), len(r["prompt_ids"]) + t) for t, s in enumerate(r["step_map"])]
+            for r in chunk
+        ]
+        documents = [
+            (list(r["prompt_ids"]) + list(r["response_ids"]), noisy_from, copies)
+            for r, (noisy_from, _, copies) in zip(chunk, replays)
+        ]
         input_ids, layout, rows, first = attention.pack_copies(
             documents, c.block_size, c.eos_token_id, row_len=0
         )
-        row_of = {d: k for k, row in enumerate(rows) for d in row}
-        at_rows = torch.tensor([row_of[d] for d, _, _ in where])
-        at_cols = torch.tensor(
-            [
-                attention.copy_column(first[d], len(documents[d][0]), documents[d][1], k, pos)
-                for d, k, pos in where
-            ]
-        )
-        tokens = torch.tensor([documents[d][0][pos] for d, _, pos in where])
+        at_rows, at_cols, tokens, owners = [], [], [], []  # owners: (record in chunk, index in its response)
+        for row_index, row in enumerate(rows):
+            for d in row:
+                noisy_from, rounds, _ = replays[d]
+                for col, token, t, _, _ in attention.replay_positions(
+                    chunk[d], noisy_from, rounds, first[d], c.block_size
+                ):
+                    at_rows.append(row_index)
+                    at_cols.append(col)
+                    tokens.append(token)
+                    owners.append((d, t))
         with torch.no_grad():
-            logits = attention.forward_layout(
-                model, input_ids.to(model.device), layout, at=(at_rows, at_cols)
-            ).float()
-            logp = torch.log_softmax(logits, -1).gather(-1, tokens.to(model.device)[:, None])[:, 0].tolist()
-        for (d, _, pos), v in zip(where, logp):
-            scores[start + d][pos - len(chunk[d]["prompt_ids"])] = v
+            at = (torch.tensor(at_rows), torch.tensor(at_cols))
+            logits = attention.forward_layout(model, input_ids.to(model.device), layout, at=at).float()
+            logp = torch.log_softmax(logits, -1).gather(
+                -1, torch.tensor(tokens, device=model.device)[:, None]
+            )
+        for (d, t), v in zip(owners, logp[:, 0].tolist()):
+            scores[start + d][t] = v
     return scores
 
 

@@ -100,13 +100,13 @@ def test_rounds_skip_rounds_that_commit_nothing_and_prompt_only_blocks():
     )
     assert ids[0].tolist() == [10, 11, 12, 13, 14, 20, 21, 22] + [14, MASK, MASK, MASK] + [14, MASK, 21, MASK]
     assert (rows, first) == ([[0]], [0])
-    scored = dipo.scored_positions(record, noisy_from, rounds, 0, 4)
+    scored = attention.replay_positions(record, noisy_from, rounds, 0, 4)
     assert scored == [
         (10, 21, 1, 0, 1),
         (13, 20, 0, 2, 1),
         (15, 22, 2, 2, 1),
     ]  # (column, token, index, round, block)
-    every = dipo.scored_positions(record, noisy_from, rounds, 0, 4, all_masked=True)
+    every = attention.replay_positions(record, noisy_from, rounds, 0, 4, all_masked=True)
     assert [(col, s) for col, _, _, s, _ in every] == [(9, 0), (10, 0), (11, 0), (13, 2), (15, 2)]
 
 

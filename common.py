@@ -175,9 +175,15 @@ def record_invocation(run, stage, cfg):
 # ----------------------------------------------------------------------------- many processes
 
 
-def init_distributed(device="auto"):
-    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
-    nccl on CUDA, gloo on CPU; each process takes the GPU of its LOCAL_RANK."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what --dtype may name
+
+
+def init_distributed(device="auto", threads=0):
+    """(rank, world_size, device). Sets torch's CPU threads (0 = torch's default). Under torchrun
+    (WORLD_SIZE > 1) joins the process group: nccl on CUDA, gloo on CPU; each process takes the
+    GPU of its LOCAL_RANK."""
+    if threads:
+        torch.set_num_threads(threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -189,6 +195,25 @@ def init_distributed(device="auto"):
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return torch.distributed.get_rank(), world, torch.device(device)
+
+
+def finish_distributed(world):
+    """Leave the process group together: rank 0 may still be writing, and a process that leaves
+    early aborts the others."""
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def clip_gradients(model, max_norm, what):
+    """Clip the gradient norm to max_norm (0 = no clipping) and return the norm before clipping,
+    as a float. Under FSDP the norm is a DTensor: full_tensor() gathers it. A non-finite norm
+    raises FloatingPointError naming `what` (the step), before the optimizer can apply it."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if not torch.isfinite(norm):
+        raise FloatingPointError(f"{what}: gradient norm {norm.item()}; nothing written for it")
+    return norm.item()
 
 
 def shard_model(model, compute_dtype=torch.float32):

@@ -606,6 +606,7 @@ def check_engine_logprobs(model, records, sample_size):
     for r, scores in zip(missing, rescore(model, missing, 4)):
         r["logprobs"] = scores
     if missing:
+        print("the engine returned no logprobs: every record's logprobs are our model's re-score")
         return {"engine_logprobs": False}
     sample = records[:: max(1, len(records) // max(1, sample_size))]
     gaps = [
@@ -613,15 +614,92 @@ def check_engine_logprobs(model, records, sample_size):
         for r, scores in zip(sample, rescore(model, sample, 4))
         for a, b in zip(r["logprobs"], scores)
     ]
-    return {
+    check = {
         "engine_logprobs": True,
         "engine_mismatch_mean": sum(gaps) / max(1, len(gaps)),
         "engine_mismatch_max": max(gaps, default=0.0),
         "engine_mismatch_records": len(sample),
     }
+    print(
+        f"engine-trainer logprob gap over {len(sample)} re-scored records: mean "
+        f"{check['engine_mismatch_mean']:.1e} max {check['engine_mismatch_max']:.1e}"
+    )
+    return check
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def sampler_settings(cfg, model_config):
+    """The `sampler` field of every record: what dipo.py checks the rollouts against, and what
+    --estimator exact needs to replay the commit rule."""
+    return {
+        "block_size": model_config.block_size,
+        "mask_token_id": model_config.mask_token_id,
+        "strategy": cfg.strategy,
+        "threshold": cfg.threshold,
+        "denoising_steps": cfg.denoising_steps,
+        "temperature": cfg.temperature,
+        "top_k": cfg.top_k,
+        "top_p": cfg.top_p,
+        "max_new_tokens": cfg.max_new_tokens,
+        "engine": cfg.engine,
+        "seed": cfg.seed,
+        "ban_eos": cfg.ban_eos,
+        "min_new_tokens": cfg.min_new_tokens,
+    }
+
+
+def make_record(policy_step, prompt_index, prompt, prompt_ids, result, text, reward, sampler):
+    """One line of the rollout file (docs/design.md, "The rollout record"); the prompt's own
+    extra fields ride along at the end."""
+    return {
+        "policy_step": policy_step,
+        "prompt_id": str(prompt_index),
+        "question": prompt["question"],
+        "ground_truth_answer": prompt["ground_truth_answer"],
+        "prompt_ids": prompt_ids,
+        "response_ids": result["response_ids"],
+        "step_map": result["step_map"],
+        "logprobs": result["logprobs"],
+        "text": text,
+        "reward": reward,
+        "finish": result["finish"],
+        "sampler": sampler,
+        **{k: v for k, v in prompt.items() if k not in ("question", "ground_truth_answer")},
+    }
+
+
+def batch_summary(records, seconds):
+    """The metrics line's numbers for a rollout file."""
+    n = max(1, len(records))
+    new_tokens = sum(len(r["response_ids"]) for r in records)
+    return {
+        "reward": sum(r["reward"] for r in records) / n,
+        "response_tokens": new_tokens / n,
+        "tokens_per_forward": new_tokens / max(1, sum(grader.forwards_of(r) for r in records)),
+        "truncated": sum(r["finish"] == "length" for r in records) / n,
+        "seconds": seconds,
+        "tokens_per_s": new_tokens / seconds,
+    }
+
+
+def gather_records(out, records, rank, world):
+    """Under torchrun: each process writes its share next to `out`, and process 0 reads them all
+    and deals them back into job order (job k was process k % world's). Leaves the group."""
+    part = out.with_name(f"{out.name}.rank{rank}.part")
+    common.write_atomic(part, "".join(json.dumps(r) + "\n" for r in records))
+    torch.distributed.barrier()
+    if rank == 0:
+        parts = [
+            [json.loads(line) for line in out.with_name(f"{out.name}.rank{r}.part").read_text().splitlines()]
+            for r in range(world)
+        ]
+        records = [parts[k % world][k // world] for k in range(sum(map(len, parts)))]
+    torch.distributed.barrier()  # every part is read before any is removed
+    part.unlink()
+    common.finish_distributed(world)
+    return records
 
 
 def output_path(cfg):
@@ -636,32 +714,33 @@ def output_path(cfg):
     return step, policy, Path(cfg.out) if cfg.out else Path(cfg.run) / "rollouts" / f"step_{step:06d}.jsonl"
 
 
-def main(cfg):
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def check_flags(cfg):
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"--strategy {cfg.strategy!r}: choose from {', '.join(STRATEGIES)}")
     if cfg.engine not in ("torch", "lmdeploy"):
         raise ValueError(f"--engine {cfg.engine!r}: choose torch or lmdeploy")
     if cfg.engine == "lmdeploy":
         require_lmdeploy()  # refuse before anything is loaded
+
+
+def main(cfg):
+    check_flags(cfg)
     step, policy, out = output_path(cfg)
     if out.exists() and not cfg.force:  # written atomically, so it is whole: a rerun loop moves on
         print(
             f"rollout: {out} already exists (policy step {step} was sampled); keeping it (--force resamples)"
         )
         return
-    rank, world, device = common.init_distributed(cfg.device)  # under torchrun each process samples a share
+    # under torchrun each process samples a share of the jobs
+    rank, world, device = common.init_distributed(cfg.device, cfg.threads)
     if cfg.engine == "lmdeploy" and world > 1:
         raise ValueError(
             "--engine lmdeploy runs in one process (LMDeploy shards the model itself: --tp); drop torchrun"
         )
     if not cfg.policy and rank == 0:
         common.record_invocation(cfg.run, "rollout", cfg)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    if (
-        cfg.engine == "lmdeploy"
-    ):  # our model waits on the CPU until the engine is done, then re-scores in float32
+    dtype = common.DTYPES[cfg.dtype]
+    if cfg.engine == "lmdeploy":  # our model waits on the CPU for the engine, then re-scores in float32
         model, tokenizer = attention.load_model(str(policy), dtype=torch.float32, device="cpu", attn="sdpa")
     else:
         model, tokenizer = attention.load_model(str(policy), dtype=dtype, device=device, attn="sdpa")
@@ -679,21 +758,7 @@ def main(cfg):
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{cfg.data}: {e}") from None
     chosen = select_prompts(cfg.num_prompts, len(prompts), cfg.seed, step)
-    sampler = {
-        "block_size": model.config.block_size,
-        "mask_token_id": model.config.mask_token_id,
-        "strategy": cfg.strategy,
-        "threshold": cfg.threshold,
-        "denoising_steps": cfg.denoising_steps,
-        "temperature": cfg.temperature,
-        "top_k": cfg.top_k,
-        "top_p": cfg.top_p,
-        "max_new_tokens": cfg.max_new_tokens,
-        "engine": cfg.engine,
-        "seed": cfg.seed,
-        "ban_eos": cfg.ban_eos,
-        "min_new_tokens": cfg.min_new_tokens,
-    }
+    sampler = sampler_settings(cfg, model.config)
 
     jobs = [(i, j) for i in chosen for j in range(cfg.group_size)]  # (prompt index, sample index)
     texts = {i: attention.render_prompt(prompts[i]["question"], instruction) for i in chosen}
@@ -720,29 +785,11 @@ def main(cfg):
         else:
             generators = [torch.Generator().manual_seed(seed) for seed in seeds]
             results = generate(model, [prompt_ids[i] for i, _ in batch], generators, cfg, stop_ids)
-        for (i, j), res in zip(batch, results):
-            response = res["response_ids"]
+        for (i, _), result in zip(batch, results):
+            response = result["response_ids"]
             text = tokenizer.decode(response[: stop_index(response, stop_ids)])
-            prompt = prompts[i]
-            records.append(
-                {
-                    "policy_step": step,
-                    "prompt_id": str(i),
-                    "question": prompt["question"],
-                    "ground_truth_answer": prompt["ground_truth_answer"],
-                    "prompt_ids": prompt_ids[i],
-                    "response_ids": response,
-                    "step_map": res["step_map"],
-                    "logprobs": res["logprobs"],
-                    "text": text,
-                    "reward": grader.grade(
-                        text, prompt["ground_truth_answer"], answer_format=cfg.answer_format
-                    ),
-                    "finish": res["finish"],
-                    "sampler": sampler,
-                    **{k: v for k, v in prompt.items() if k not in ("question", "ground_truth_answer")},
-                }
-            )
+            reward = grader.grade(text, prompts[i]["ground_truth_answer"], answer_format=cfg.answer_format)
+            records.append(make_record(step, i, prompts[i], prompt_ids[i], result, text, reward, sampler))
             new_tokens += len(response)
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{new_tokens / (time.time() - t0):.0f}")
@@ -750,55 +797,20 @@ def main(cfg):
     engine_check = (
         check_engine_logprobs(model.to(device), records, cfg.rescore) if cfg.engine == "lmdeploy" else {}
     )
-    if world > 1:  # every process writes its share; process 0 interleaves them back into job order
-        part = out.with_name(f"{out.name}.rank{rank}.part")
-        common.write_atomic(part, "".join(json.dumps(r) + "\n" for r in records))
-        torch.distributed.barrier()
-        if rank == 0:
-            parts = [
-                [
-                    json.loads(line)
-                    for line in out.with_name(f"{out.name}.rank{r}.part").read_text().splitlines()
-                ]
-                for r in range(world)
-            ]
-            records = [parts[k % world][k // world] for k in range(sum(map(len, parts)))]
-        torch.distributed.barrier()  # every part is read before any is removed
-        part.unlink()
-        torch.distributed.destroy_process_group()
+    if world > 1:  # every process wrote its share; process 0 interleaves them back into job order
+        records = gather_records(out, records, rank, world)
         if rank != 0:
             return
-    seconds = time.time() - t0
-    n = max(1, len(records))
-    new_tokens = sum(len(r["response_ids"]) for r in records)
-    summary = {
-        "stage": "rollout",
-        "step": step,
-        "reward": sum(r["reward"] for r in records) / n,
-        "response_tokens": new_tokens / n,
-        "tokens_per_forward": new_tokens / max(1, sum(grader.forwards_of(r) for r in records)),
-        "truncated": sum(r["finish"] == "length" for r in records) / n,
-        "seconds": seconds,
-        "tokens_per_s": new_tokens / seconds,
-        **engine_check,
-    }
-    if (
-        not cfg.policy
-    ):  # before the file, the commit point: a kill in between repeats the line, never loses it
+    summary = {"stage": "rollout", "step": step, **batch_summary(records, time.time() - t0), **engine_check}
+    if not cfg.policy:  # before the file (the commit point): a kill in between repeats the line
         common.append_metrics(cfg.run, summary)
     common.write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
     print(
-        f"rollout step {step}: {len(records)} responses to {len(chosen)} prompts -> {out} | reward {summary['reward']:.3f} | "
-        f"{summary['response_tokens']:.1f} tokens/response | {summary['tokens_per_forward']:.2f} tokens/forward | "
-        f"truncated {summary['truncated']:.1%} | {seconds:.1f} s"
+        f"rollout step {step}: {len(records)} responses to {len(chosen)} prompts -> {out} | "
+        f"reward {summary['reward']:.3f} | {summary['response_tokens']:.1f} tokens/response | "
+        f"{summary['tokens_per_forward']:.2f} tokens/forward | truncated {summary['truncated']:.1%} | "
+        f"{summary['seconds']:.1f} s"
     )
-    if engine_check.get("engine_logprobs"):
-        print(
-            f"engine-trainer logprob gap over {engine_check['engine_mismatch_records']} re-scored records: mean "
-            f"{engine_check['engine_mismatch_mean']:.1e} max {engine_check['engine_mismatch_max']:.1e}"
-        )
-    elif engine_check:
-        print("the engine returned no logprobs: every record's logprobs are our model's re-score")
 
 
 if __name__ == "__main__":

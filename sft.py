@@ -268,20 +268,33 @@ def held_out_loss(model, docs, cfg, device, dtype):
     return totals[0].item(), totals[1].item() / max(1, totals[2].item())
 
 
-def main(cfg):
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    rank, world, device = common.init_distributed(cfg.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    run = Path(cfg.run)
-    save_dir = run / "sft"
-    if cfg.overlong not in ("skip", "truncate"):
-        raise ValueError(f"--overlong must be 'skip' or 'truncate', not {cfg.overlong!r}")
-    if cfg.batch_size % (world * cfg.grad_accum):
+def prepare_documents(cfg, model, tokenizer):
+    """Set the block size and the instruction on the model's config (they are saved with it),
+    tokenize the data, and split off --eval-docs held-out documents by a seeded shuffle.
+    Returns (train, held_out, how many documents were overlong)."""
+    block_size = cfg.block_size or model.config.block_size
+    if cfg.max_len % block_size:
+        raise ValueError(f"--max-len {cfg.max_len} is not a multiple of the block size {block_size}")
+    model.config.block_size = block_size
+    if cfg.instruction != "auto":
+        model.config.instruction = cfg.instruction
+    docs, overlong = load_documents(
+        cfg.data, tokenizer, model.config.instruction, block_size, cfg.max_len, cfg.overlong
+    )
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    held_out = [docs[i] for i in order[: cfg.eval_docs]]
+    train = [docs[i] for i in order[cfg.eval_docs :]]
+    if not train:
         raise ValueError(
-            f"--batch-size {cfg.batch_size} must divide into {world} processes x {cfg.grad_accum} micro-batches"
+            f"{cfg.data}: no training documents left ({len(docs)} usable, {cfg.eval_docs} held out, "
+            f"{overlong} overlong)"
         )
-    trainer_state = None
+    return train, held_out, overlong
+
+
+def read_trainer_state(cfg, run, save_dir):
+    """With --resume, the last save's trainer state (None if there is none yet), refused if it
+    was saved with other settings; without, a refusal to overwrite an existing SFT run."""
     if cfg.resume and (save_dir / "trainer_state.pt").is_file():
         trainer_state = torch.load(save_dir / "trainer_state.pt", weights_only=True)
         changed = {
@@ -293,30 +306,17 @@ def main(cfg):
             raise ValueError(
                 f"{save_dir}: saved with other settings {changed} (saved, now); resume with the same ones"
             )
-    elif not cfg.resume and (save_dir.exists() or (run / "policy").exists()):
+        return trainer_state
+    if not cfg.resume and (save_dir.exists() or (run / "policy").exists()):
         raise ValueError(
             f"{run} already holds an SFT run; pass --resume to continue it or choose another --run"
         )
+    return None
 
-    model, tokenizer = attention.load_model(
-        str(save_dir) if trainer_state else cfg.model, attn=cfg.attn, seed=cfg.seed
-    )
-    block_size = cfg.block_size or model.config.block_size
-    if cfg.max_len % block_size:
-        raise ValueError(f"--max-len {cfg.max_len} is not a multiple of the block size {block_size}")
-    model.config.block_size = block_size
-    instruction = model.config.instruction if cfg.instruction == "auto" else cfg.instruction
-    model.config.instruction = instruction
-    docs, overlong = load_documents(cfg.data, tokenizer, instruction, block_size, cfg.max_len, cfg.overlong)
-    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    held_out = [docs[i] for i in order[: cfg.eval_docs]]
-    train = [docs[i] for i in order[cfg.eval_docs :]]
-    if not train:
-        raise ValueError(
-            f"{cfg.data}: no training documents left ({len(docs)} usable, {cfg.eval_docs} held out, {overlong} overlong)"
-        )
-    total_steps = math.ceil(cfg.epochs * len(train) / cfg.batch_size) if cfg.epochs > 0 else cfg.steps
 
+def prepare_training(model, cfg, trainer_state, total_steps, world, dtype, device):
+    """The model on its device (FSDP2 under torchrun), AdamW and the warmup-cosine schedule,
+    restored from the trainer state if resuming. Returns (optimizer, scheduler, first step)."""
     model.to(device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
@@ -328,11 +328,36 @@ def main(cfg):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     )
-    start = 0
-    if trainer_state:
-        common.load_optimizer_state(model, optimizer, trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        start = trainer_state["step"]
+    if not trainer_state:
+        return optimizer, scheduler, 0
+    common.load_optimizer_state(model, optimizer, trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    return optimizer, scheduler, trainer_state["step"]
+
+
+def main(cfg):
+    rank, world, device = common.init_distributed(cfg.device, cfg.threads)
+    dtype = common.DTYPES[cfg.dtype]
+    run = Path(cfg.run)
+    save_dir = run / "sft"
+    if cfg.overlong not in ("skip", "truncate"):
+        raise ValueError(f"--overlong must be 'skip' or 'truncate', not {cfg.overlong!r}")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} must divide into {world} processes x {cfg.grad_accum} micro-batches"
+        )
+    trainer_state = read_trainer_state(cfg, run, save_dir)
+
+    model, tokenizer = attention.load_model(
+        str(save_dir) if trainer_state else cfg.model, attn=cfg.attn, seed=cfg.seed
+    )
+    train, held_out, overlong = prepare_documents(cfg, model, tokenizer)
+    block_size = model.config.block_size
+    total_steps = math.ceil(cfg.epochs * len(train) / cfg.batch_size) if cfg.epochs > 0 else cfg.steps
+
+    optimizer, scheduler, start = prepare_training(
+        model, cfg, trainer_state, total_steps, world, dtype, device
+    )
     if rank == 0:
         common.record_invocation(run, "sft", cfg)
         params = sum(p.numel() for p in model.parameters())
@@ -368,14 +393,7 @@ def main(cfg):
             )
             loss.backward()
             stats += torch.tensor([loss.item(), hits, masked, tokens])
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        )
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(
-                f"step {step}: gradient norm {grad_norm.item()}; nothing saved past step {start}"
-            )
+        grad_norm = common.clip_gradients(model, cfg.grad_clip, f"step {step} (saved up to step {start})")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -392,7 +410,7 @@ def main(cfg):
                 "loss": stats[0].item(),
                 "acc": stats[1].item() / max(1, stats[2].item()),
                 "lr": lr,
-                "grad_norm": grad_norm.item(),
+                "grad_norm": grad_norm,
                 "tokens_per_s": tokens_since / elapsed,
             }
             tokens_since = 0
@@ -424,9 +442,7 @@ def main(cfg):
             f"  python rollout.py --policy {common.policy_dir(run, 0)} --data data/arith_test.jsonl "
             f"--num-prompts 0 --group-size 1 --out {run}/eval/sft.jsonl && python eval.py {run}/eval/sft.jsonl"
         )
-    if world > 1:
-        torch.distributed.barrier()  # rank 0 is still writing; leaving early aborts the group
-        torch.distributed.destroy_process_group()
+    common.finish_distributed(world)
 
 
 if __name__ == "__main__":

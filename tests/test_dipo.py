@@ -142,6 +142,39 @@ def test_token_weights_sum_to_the_normalised_mean():
     )
 
 
+
+@pytest.mark.parametrize("loss_norm", ["token", "sequence"])
+def test_plan_weights_each_minibatch_to_one_over_micro_batches_and_processes(loss_norm):
+    """Each minibatch's token weights sum to 1 (token: one per token / tokens; sequence: one per
+    response / responses) however its records are dealt into micro-batches and processes; a
+    process left without records runs a copy with weight 0; every record is scored exactly once."""
+    from types import SimpleNamespace
+
+    records = [{**r, "logprobs": [-0.5] * len(r["response_ids"])} for r in random_records(7)]
+    adv = torch.linspace(-1, 1, len(records))
+    minibatches = dipo.split_minibatches(len(records), 3, seed=0, policy_step=2)
+    assert sorted(i for mb in minibatches for i in mb) == list(range(7)) and len(minibatches) == 3
+    assert dipo.split_minibatches(7, 3, 0, 2) == minibatches != dipo.split_minibatches(7, 3, 0, 3)
+    assert len(dipo.split_minibatches(2, 8, 0, 0)) == 2  # never an empty minibatch
+    config = SimpleNamespace(mask_token_id=MASK, block_size=4, eos_token_id=0)
+    cfg = dipo.Config(micro_batch_size=1, loss_norm=loss_norm, row_len=200)
+    for world in (1, 2, 4):
+        plans = [
+            dipo.plan_micro_batches(records, adv, minibatches, cfg, config, rank, world, all_masked=False)
+            for rank in range(world)
+        ]
+        for m, minibatch in enumerate(minibatches):
+            parts = [micro for plan in plans for micro in plan[m]]
+            assert len({len(plan[m]) for plan in plans}) == 1  # as many micro-batches on every process
+            assert sum(micro["weight"].sum().item() for micro in parts) == pytest.approx(1.0)
+            real = [micro for micro in parts if micro["real"]]
+            assert all(micro["weight"].eq(0).all() for micro in parts if not micro["real"])
+            tokens = sum(len(micro["adv"]) for micro in real)
+            assert tokens == sum(len(records[i]["response_ids"]) for i in minibatch)
+            assert sorted(a for micro in real for a in micro["adv"].unique().tolist()) == pytest.approx(
+                sorted(adv[minibatch].tolist())
+            )
+
 # ----------------------------------------------------------------------------- unbiasedness on a toy
 
 

@@ -129,19 +129,19 @@ def estimator_log_probs(model, trajectories, sampler, estimator):
     logp, _, logq = dipo.forward_scores(
         model, batch, cpu, torch.float32, sampler if estimator == "exact" else None
     )
-    kept_record = where["record"][where["kept"]]
+    kept_record = where["record"][where["committed"]]
     total = torch.zeros(len(records), dtype=torch.float64)
     if estimator == "dipo":
         return total.index_add(0, kept_record, logp)
     below = None
     if sampler["strategy"] != "sequential":
-        units = int(where["unit"].max()) + 1
+        num_steps = int(where["sampler_step"].max()) + 1
         below = dipo.selection_sets(
             logq.detach(),
             where["token"],
-            where["kept"],
-            where["unit"],
-            units,
+            where["committed"],
+            where["sampler_step"],
+            num_steps,
             sampler["strategy"],
             sampler["threshold"],
         )
@@ -248,10 +248,10 @@ def test_exact_script_is_invariant_to_micro_batches_and_processes_and_refuses_wh
         tmp_path,
         {
             "dipo": [],
-            "mb16": ["--estimator", "exact"],
+            "mb16": ["--estimator", "exact", "--diagnostics"],
             "mb1": ["--estimator", "exact", "--micro-batch-size", 1],
         },
-        two_processes=["--estimator", "exact"],
+        two_processes=["--estimator", "exact", "--diagnostics"],
     )
     base = tmp_path / "base"
     m = {name: metrics(run)[-1] for name, run in runs.items()}

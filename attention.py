@@ -255,7 +255,7 @@ def pack_rows(sizes, row_len):
     return rows
 
 
-# ----------------------------------------------------------------------------- packed rows [clean ; noisy copies]
+# ------------------------------------------------------------------------ packed rows [clean ; noisy copies]
 
 
 def replay_copies(prompt_ids, response_ids, step_map, mask_id, block_size, rounds=None):
@@ -448,7 +448,8 @@ def load_model(name_or_dir, dtype=torch.float32, device="cpu", attn="auto", seed
             )
         if getattr(config, "mask_token_id", None) not in (None, mask_id):
             raise ValueError(
-                f"{path}: config mask_token_id {config.mask_token_id} differs from the tokenizer's mask token id {mask_id}"
+                f"{path}: config mask_token_id {config.mask_token_id} differs from the tokenizer's "
+                f"mask token id {mask_id}"
             )
         config.mask_token_id = mask_id
         config.block_size = (
@@ -498,8 +499,9 @@ def main(cfg):
     c = model.config
     params = sum(p.numel() for p in model.parameters())
     print(
-        f"{cfg.model}: Qwen3 {params / 1e6:.2f}M params, hidden {c.hidden_size}, {c.num_hidden_layers} layers, "
-        f"vocab {c.vocab_size}, block_size {c.block_size}, mask_token_id {c.mask_token_id}, attn {backend_of(model)}"
+        f"{cfg.model}: Qwen3 {params / 1e6:.2f}M params, hidden {c.hidden_size}, "
+        f"{c.num_hidden_layers} layers, vocab {c.vocab_size}, block_size {c.block_size}, "
+        f"mask_token_id {c.mask_token_id}, attn {backend_of(model)}"
     )
     if cfg.save:
         save_checkpoint(model, tokenizer, cfg.save)

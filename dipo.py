@@ -613,7 +613,7 @@ def main(cfg):
     return 0
 
 
-# ----------------------------------------------------------------------------- beyond the paper: the exact estimator
+# ------------------------------------------------------------ beyond the paper: the exact estimator
 # --estimator exact (docs/design.md, "What unbiased means"). DiPO's loss scores what the sampler
 # kept. But a low_confidence step draws a token at every masked position, and the commit rule then
 # picks which draws to keep, so the probability of a trajectory also holds, per sampler step, the

@@ -299,7 +299,7 @@ def generate(model, prompts, generators, cfg, stop_ids):
     rows = torch.arange(n, device=device)  # [R] the prompt of each live row
     results = [dict(response_ids=[], step_map=[], logprobs=[], finish="length", forwards=0) for _ in prompts]
     while len(rows):
-        # one chunk per row: [clean block ; current block] for rows that write, else [current block (; padding)]
+        # one chunk per row: [clean block ; current block] if it writes, else [current block (; padding)]
         if writing.any():
             padding = torch.full_like(block, pad_id)
             chunk = torch.where(
@@ -487,7 +487,8 @@ def require_lmdeploy():
         import lmdeploy  # optional, requirements-gpu.txt
     except ImportError:
         raise ValueError(
-            "--engine lmdeploy: lmdeploy is not installed (pip install -r requirements-gpu.txt on a CUDA machine)"
+            "--engine lmdeploy: lmdeploy is not installed "
+            "(pip install -r requirements-gpu.txt on a CUDA machine)"
         ) from None
     from lmdeploy.messages import Response
 
@@ -747,7 +748,8 @@ def main(cfg):
     model.eval()
     if cfg.block_size and cfg.block_size != model.config.block_size:
         raise ValueError(
-            f"--block-size {cfg.block_size} differs from the checkpoint's {model.config.block_size} ({policy})"
+            f"--block-size {cfg.block_size} differs from the checkpoint's "
+            f"{model.config.block_size} ({policy})"
         )
     instruction = model.config.instruction if cfg.instruction == "auto" else cfg.instruction
     stop_ids = {tokenizer.convert_tokens_to_ids(attention.IM_END)} | (

@@ -344,7 +344,8 @@ def main(cfg):
         raise ValueError(f"--overlong must be 'skip' or 'truncate', not {cfg.overlong!r}")
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(
-            f"--batch-size {cfg.batch_size} must divide into {world} processes x {cfg.grad_accum} micro-batches"
+            f"--batch-size {cfg.batch_size} must divide into {world} processes x "
+            f"{cfg.grad_accum} micro-batches"
         )
     trainer_state = read_trainer_state(cfg, run, save_dir)
 
@@ -364,7 +365,8 @@ def main(cfg):
         print(
             f"sft: {cfg.model} ({params / 1e6:.2f}M params, block {block_size}) on {world} x {device}; "
             f"{len(train)} train / {len(held_out)} held-out docs from {cfg.data}; "
-            f"{overlong} longer than {cfg.max_len} tokens {'skipped' if cfg.overlong == 'skip' else 'truncated'}; "
+            f"{overlong} longer than {cfg.max_len} tokens "
+            f"{'skipped' if cfg.overlong == 'skip' else 'truncated'}; "
             f"steps {start} -> {total_steps}"
         )
 
@@ -440,7 +442,8 @@ def main(cfg):
         print(
             f"wrote {common.policy_dir(run, 0)}; exact-match accuracy on the test split:\n"
             f"  python rollout.py --policy {common.policy_dir(run, 0)} --data data/arith_test.jsonl "
-            f"--num-prompts 0 --group-size 1 --out {run}/eval/sft.jsonl && python eval.py {run}/eval/sft.jsonl"
+            f"--num-prompts 0 --group-size 1 --out {run}/eval/sft.jsonl && "
+            f"python eval.py {run}/eval/sft.jsonl"
         )
     common.finish_distributed(world)
 

@@ -142,7 +142,6 @@ def test_token_weights_sum_to_the_normalised_mean():
     )
 
 
-
 @pytest.mark.parametrize("loss_norm", ["token", "sequence"])
 def test_plan_weights_each_minibatch_to_one_over_micro_batches_and_processes(loss_norm):
     """Each minibatch's token weights sum to 1 (token: one per token / tokens; sequence: one per
@@ -174,6 +173,7 @@ def test_plan_weights_each_minibatch_to_one_over_micro_batches_and_processes(los
             assert sorted(a for micro in real for a in micro["adv"].unique().tolist()) == pytest.approx(
                 sorted(adv[minibatch].tolist())
             )
+
 
 # ----------------------------------------------------------------------------- unbiasedness on a toy
 

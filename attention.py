@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import safe_open
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from transformers import (
     AttentionInterface,
@@ -456,7 +457,20 @@ def load_model(name_or_dir, dtype=torch.float32, device="cpu", attn="auto", seed
             getattr(config, "block_size", None) or DEFAULT_BLOCK_SIZE
         )  # some SDAR copies omit it
         config.instruction = getattr(config, "instruction", DIRL_INSTRUCTION)
-        model = Qwen3ForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+        embedding = (config.vocab_size, config.hidden_size)
+        if (path / "model.safetensors").is_file():  # one file (ours): check its embedding's shape first
+            with safe_open(path / "model.safetensors", "pt") as weights:
+                if "model.embed_tokens.weight" in weights.keys():
+                    shape = tuple(weights.get_slice("model.embed_tokens.weight").get_shape())
+                    if shape != embedding:
+                        raise ValueError(
+                            f"{path}: config.json says embeddings {embedding}, the weights {shape}"
+                        )
+        try:
+            model = Qwen3ForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+        except (OSError, RuntimeError, ValueError) as e:  # missing or mis-shaped weights
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path}: the weights do not load with its config.json ({first})") from None
     model.set_attn_implementation(BACKENDS[attn])
     return model.to(device=device, dtype=dtype), tokenizer
 

@@ -14,11 +14,14 @@ process never leaves a half-written file under a real name.
 
 import argparse
 import dataclasses
+import fcntl
 import functools
 import importlib.metadata
 import json
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -67,7 +70,9 @@ def parse_config(config_cls, argv=None, description=None):
         else:
             kind = f.type if f.type in (int, float, str) else str
             parser.add_argument(name, type=kind, default=argparse.SUPPRESS, help=help)
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback, not one line")
     args = vars(parser.parse_args(argv))
+    args.pop("debug")
     values = {}
     if args.get("config"):
         path = Path(args.pop("config"))
@@ -82,6 +87,22 @@ def parse_config(config_cls, argv=None, description=None):
     args.pop("config", None)
     values.update(args)
     return config_cls(**values)
+
+
+def run_stage(main, config_cls, description, argv=None):
+    """A stage's command line: parse the flags, run main(cfg) and exit with what it returns. Bad
+    input (a missing or malformed file, a refused flag, a locked run) ends as one line on stderr,
+    "error: ...", with exit code 1 and nothing written; --debug shows the traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_config(config_cls, argv, description)
+    try:
+        code = main(cfg)
+    except (OSError, ValueError, FloatingPointError) as e:
+        if "--debug" in argv:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held
+        sys.exit(f"error: {message}")
+    sys.exit(code or 0)
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -133,12 +154,29 @@ def _epoch_order(total, seed, epoch):
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
+def finite_or_none(value):
+    """JSON has no NaN or infinity: such a float becomes null, through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def append_metrics(run, record):
+    """One line of metrics.jsonl, with the wall time (loop curves, time splits). Strict JSON
+    (no NaN), and never through a symlink: O_NOFOLLOW refuses one."""
     Path(run).mkdir(parents=True, exist_ok=True)
-    with open(Path(run) / "metrics.jsonl", "a") as f:
-        f.write(
-            json.dumps({"time": round(time.time(), 3), **record}) + "\n"
-        )  # wall time: loop curves, time splits
+    line = json.dumps(finite_or_none({"time": round(time.time(), 3), **record}), allow_nan=False) + "\n"
+    path = Path(run) / "metrics.jsonl"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot append ({e.strerror}); a run's files may not be symlinks") from None
+    with os.fdopen(fd, "a") as f:
+        f.write(line)
 
 
 def record_invocation(run, stage, cfg):
@@ -170,6 +208,190 @@ def record_invocation(run, stage, cfg):
             "packages": packages,
         },
     )
+
+
+# ----------------------------------------------------------------------------- checking what a stage reads
+# Run directories are copied, edited and filled by other tools, so every field a stage reads is
+# checked before anything is written: one line per failure, "FILE:LINE: field: what is wrong".
+
+RECORD_KEYS = (
+    "policy_step",
+    "prompt_id",
+    "prompt_ids",
+    "response_ids",
+    "step_map",
+    "logprobs",
+    "reward",
+    "sampler",
+)
+
+
+def is_int(x):
+    return type(x) is int  # not bool, not float
+
+
+def is_number(x):
+    return type(x) in (int, float) and math.isfinite(x)
+
+
+def check_rollout_record(r, where, policy_step, block_size, mask_id, vocab_size, max_len):
+    """Every field dipo.py reads from a rollout record (docs/formats.md): types, ranges, finite
+    numbers and lengths. Prompt + response may be no longer than the prompt plus the record's
+    own max_new_tokens rounded up to a block, nor than max_len. Raises ValueError."""
+
+    def fail(field, what):
+        raise ValueError(f"{where}: {field}: {what}")
+
+    if not isinstance(r, dict):
+        fail("record", "not a JSON object")
+    missing = [k for k in RECORD_KEYS if k not in r]
+    if missing:
+        fail("record", f"missing keys {missing}")
+    if r["policy_step"] != policy_step or not is_int(r["policy_step"]):
+        fail("policy_step", f"{r['policy_step']!r}, but the policy is at step {policy_step} (stale rollouts)")
+    if type(r["prompt_id"]) not in (str, int):
+        fail("prompt_id", "not a string or an integer")
+    sampler = r["sampler"]
+    if not isinstance(sampler, dict):
+        fail("sampler", "not a JSON object")
+    if sampler.get("block_size") != block_size or sampler.get("mask_token_id", mask_id) != mask_id:
+        fail(
+            "sampler",
+            f"sampled with block size {sampler.get('block_size')} and mask token {sampler.get('mask_token_id')}, "
+            f"the policy has {block_size} and {mask_id}",
+        )
+    if sampler.get("ban_eos") or (
+        is_number(sampler.get("min_new_tokens", 0)) and sampler.get("min_new_tokens", 0) > 0
+    ):
+        fail(
+            "sampler",
+            "sampled with the evaluation-only switches --ban-eos / --min-new-tokens, which draw from another "
+            "distribution than the policy's; sample training rollouts without them",
+        )
+    if not is_int(sampler.get("max_new_tokens")) or sampler["max_new_tokens"] < 1:
+        fail("sampler.max_new_tokens", "not a positive integer")
+    for key in ("prompt_ids", "response_ids"):
+        if not isinstance(r[key], list) or not all(is_int(t) and 0 <= t < vocab_size for t in r[key]):
+            fail(key, f"not a list of token ids in [0, {vocab_size})")
+    n = len(r["response_ids"])
+    if not n:
+        fail("response_ids", "empty")
+    # the sampler stops at the first block boundary at least max_new_tokens past the prompt
+    limit = -(-(len(r["prompt_ids"]) + sampler["max_new_tokens"]) // block_size) * block_size
+    if len(r["prompt_ids"]) + n > limit:
+        fail(
+            "response_ids",
+            f"{n} tokens, more than the record's max_new_tokens allows ({limit - len(r['prompt_ids'])})",
+        )
+    if len(r["prompt_ids"]) + n > max_len:
+        fail("response_ids", f"prompt + response are {len(r['prompt_ids']) + n} tokens, more than {max_len}")
+    if (len(r["prompt_ids"]) + n) % block_size:
+        fail("response_ids", f"prompt + response do not end on a block boundary (block size {block_size})")
+    if not isinstance(r["step_map"], list) or len(r["step_map"]) != n:
+        fail("step_map", f"not a list as long as the response ({n})")
+    if not all(is_int(s) and 0 <= s < block_size for s in r["step_map"]):
+        fail("step_map", f"steps must be integers in [0, {block_size})")
+    if not isinstance(r["logprobs"], list) or len(r["logprobs"]) != n:
+        fail("logprobs", f"not a list as long as the response ({n})")
+    if not all(is_number(x) and x <= 0 for x in r["logprobs"]):
+        fail("logprobs", "not all finite numbers <= 0")
+    if not is_number(r["reward"]):
+        fail("reward", f"{r['reward']!r} is not a finite number")
+
+
+def read_torch_state(path, required):
+    """A state file we wrote (dipo_state.pt, trainer_state.pt): loaded weights-only, and a dict
+    with the `required` keys of the given types, or a ValueError naming what is wrong."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # a truncated, random or foreign file: torch raises many kinds
+        raise ValueError(
+            f"{path}: not a readable state file ({type(e).__name__}); delete it to start over"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict; delete it to start over")
+    for key, kind in required.items():
+        if key not in state or not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise ValueError(f"{path}: {key}: missing or not a {kind.__name__}; delete it to start over")
+    return state
+
+
+# ----------------------------------------------------------------------------- one writer per run
+
+_LOCKS = []  # this process's lock files: closing one would release its lock
+TEMPORARY = re.compile(r"\..+\.tmp-(\d+)")  # write_atomic's and save_checkpoint's temporary names
+
+
+def lock_run(run, stage):
+    """Hold runs/<run>/.lock (an exclusive flock) until this process ends, so that one process
+    at a time writes the run. A second writer fails at once, naming the holder; the kernel
+    drops the lock when the holder dies, kill -9 included. Then the temporary leftovers of
+    writers that died mid-write (.NAME.tmp-PID entries whose process is gone) are removed."""
+    run = Path(run)
+    for name in ("metrics.jsonl", "dipo_state.pt", "policy/latest", ".lock"):
+        if (run / name).is_symlink():  # a write through it would land outside the run
+            raise ValueError(f"{run / name}: a symlink; the files of a run may not be links")
+    run.mkdir(parents=True, exist_ok=True)
+    handle = open(run / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"run {run} is locked by {holder}; one writer at a time") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} ({stage})\n")
+    handle.flush()
+    _LOCKS.append(handle)
+    removed = remove_leftovers(run)
+    if removed:
+        print(f"{stage}: removed {len(removed)} temporary leftovers of killed writers: {', '.join(removed)}")
+
+
+def releases_run_lock(main):
+    """Decorates a stage's main: the lock lock_run took is released when main returns or raises,
+    so that a caller in the same process (a test, a notebook) can run the next stage on the run.
+    A process that ends releases it anyway."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        finally:
+            while _LOCKS:
+                _LOCKS.pop().close()
+
+    return wrapped
+
+
+def remove_leftovers(run):
+    """Delete .NAME.tmp-PID files and directories under `run` whose process is not alive;
+    returns their paths relative to the run."""
+    removed = []
+    for path in sorted(Path(run).rglob(".*.tmp-*")):
+        match = TEMPORARY.fullmatch(path.name)
+        if not match or process_alive(int(match.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(str(path.relative_to(run)))
+    return removed
+
+
+def process_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------- many processes

@@ -38,7 +38,6 @@ import dataclasses
 import io
 import json
 import math
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -52,16 +51,6 @@ import common
 from common import flag
 
 NOTHING_TO_LEARN = 3
-RECORD_KEYS = (
-    "policy_step",
-    "prompt_id",
-    "prompt_ids",
-    "response_ids",
-    "step_map",
-    "logprobs",
-    "reward",
-    "sampler",
-)
 
 
 @dataclass
@@ -85,6 +74,9 @@ class Config:
     ppo_epochs: int = flag(1, "passes over the rollouts")
     minibatches: int = flag(8, "optimizer steps per pass (1 = DiRL's single on-policy step)")
     micro_batch_size: int = flag(16, "responses per forward")
+    max_len: int = flag(
+        0, "longest prompt + response accepted; longer records are refused (0 = max_position_embeddings)"
+    )
     row_len: int = flag(
         256, "tokens per packed row (a response with all its rounds larger than this gets a row of its own)"
     )
@@ -346,58 +338,41 @@ def old_logprobs(model, ref, plan, sampler, device, dtype):
 # ----------------------------------------------------------------------------- I/O
 
 
-def read_rollouts(path, step, block_size, mask_id):
-    """Records of rollouts/step_<k>.jsonl, checked against the policy that will be trained."""
+def read_rollouts(path, policy_step, model_config, max_len):
+    """Records of rollouts/step_<k>.jsonl, each checked against the policy that will be trained
+    (common.check_rollout_record): sequences longer than max_len (0 = the model's
+    max_position_embeddings) are refused, not trained."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no rollouts for policy step {step} (run rollout.py first)")
+        raise FileNotFoundError(f"{path}: no rollouts for policy step {policy_step} (run rollout.py first)")
+    c = model_config
     records = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        where = f"{path}:{n}"
         try:
             r = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(
-                f"{where}: not JSON ({e.msg}); a partial file? rerun rollout.py --force"
+                f"{path}:{n}: not JSON ({e.msg}); a partial file? rerun rollout.py --force"
             ) from None
-        missing = [k for k in RECORD_KEYS if k not in r]
-        if missing:
-            raise ValueError(f"{where}: missing keys {missing}")
-        if r["policy_step"] != step:
-            raise ValueError(
-                f"{where}: sampled by policy step {r['policy_step']}, but the policy is at step {step} "
-                "(stale rollouts)"
-            )
-        if (
-            r["sampler"].get("block_size") != block_size
-            or r["sampler"].get("mask_token_id", mask_id) != mask_id
-        ):
-            raise ValueError(
-                f"{where}: sampled with block size {r['sampler'].get('block_size')} and mask token "
-                f"{r['sampler'].get('mask_token_id')}, the policy has {block_size} and {mask_id}"
-            )
-        if r["sampler"].get("ban_eos") or r["sampler"].get("min_new_tokens", 0) > 0:
-            raise ValueError(
-                f"{where}: sampled with the evaluation-only switches --ban-eos / --min-new-tokens, which "
-                "draw from another distribution than the policy's; sample training rollouts without them"
-            )
-        n_resp = len(r["response_ids"])
-        if (
-            len(r["step_map"]) != n_resp
-            or len(r["logprobs"]) != n_resp
-            or not n_resp
-            or (len(r["prompt_ids"]) + n_resp) % block_size
-            or not all(0 <= s < block_size for s in r["step_map"])
-        ):
-            raise ValueError(
-                f"{where}: response_ids, step_map and logprobs must be equally long, non-empty, end on a "
-                f"block boundary and have steps in [0, {block_size})"
-            )
+        limit = max_len or c.max_position_embeddings
+        common.check_rollout_record(
+            r, f"{path}:{n}", policy_step, c.block_size, c.mask_token_id, c.vocab_size, limit
+        )
         records.append(r)
     if not records:
         raise ValueError(f"{path}: empty")
     return records
+
+
+def read_state(path):
+    """dipo_state.pt, if any: the step of the last update and its optimizer state."""
+    if not path.is_file():
+        return None
+    state = common.read_torch_state(path, {"step": int})
+    if not isinstance(state.get("optimizer", {}), dict):
+        raise ValueError(f"{path}: optimizer: not a state dict; delete the file to start over")
+    return state
 
 
 def save_torch_atomic(obj, path):
@@ -525,6 +500,7 @@ def prepare_training(model, cfg, run, state, world, dtype, device):
     return optimizer, ref.eval()
 
 
+@common.releases_run_lock
 def main(cfg):
     if cfg.estimator not in ("dipo", "exact"):
         raise ValueError(f"--estimator {cfg.estimator!r}: choose dipo or exact")
@@ -533,19 +509,20 @@ def main(cfg):
     run, t_start = Path(cfg.run), time.time()
     policy_step, policy = common.latest_policy(run)
     new_step = policy_step + 1
+    if rank == 0:
+        common.lock_run(run, "dipo")
     state_path = run / "dipo_state.pt"
-    state = torch.load(state_path, weights_only=True) if state_path.is_file() else None
+    state = read_state(state_path)
     if finish_interrupted(run, policy_step, state, rank):
         return 0
-    if rank == 0:
-        common.record_invocation(run, "dipo", cfg)
 
-    # the rollouts of step k, and the policy that sampled them
+    # the rollouts of step k, and the policy that sampled them (checked before anything is written)
     model, tokenizer = attention.load_model(str(policy), dtype=torch.float32, device=device, attn=cfg.attn)
     c = model.config
-    path = run / "rollouts" / f"step_{policy_step:06d}.jsonl"
-    records = read_rollouts(path, policy_step, c.block_size, c.mask_token_id)
+    records = read_rollouts(run / "rollouts" / f"step_{policy_step:06d}.jsonl", policy_step, c, cfg.max_len)
     sampler = exact_sampler(records) if cfg.estimator == "exact" else None
+    if rank == 0:
+        common.record_invocation(run, "dipo", cfg)
 
     # group-relative advantages; a group whose rewards are all equal has none
     adv = group_advantages([r["reward"] for r in records], [r["prompt_id"] for r in records])
@@ -767,7 +744,4 @@ def noise_to_signal(sum_of_squares, total, n):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(common.parse_config(Config, description=__doc__)))
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+    common.run_stage(main, Config, __doc__)

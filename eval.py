@@ -300,8 +300,12 @@ def to_prompt_record(raw):
     """Accept the common benchmark layouts; return {"question", "ground_truth_answer", ...}.
     DiRL/TraceRL: question/ground_truth_answer. MATH500: problem/answer (or problem/solution
     with a boxed answer). GSM8K: question/answer with '#### 42'. AIME: Problem/Answer."""
-    if "question" in raw and "ground_truth_answer" in raw:
-        return dict(raw)
+    if "question" in raw and "ground_truth_answer" in raw:  # golds become strings here, once
+        return {
+            **raw,
+            "question": str(raw["question"]),
+            "ground_truth_answer": str(raw["ground_truth_answer"]),
+        }
     question = raw.get("question", raw.get("problem", raw.get("Problem")))
     answer = raw.get("answer", raw.get("Answer"))
     if answer is None and "solution" in raw:

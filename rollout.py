@@ -54,7 +54,6 @@ replay of that last block lacks it (dipo.py's mismatch line shows the size of th
 
 import hashlib
 import json
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -724,6 +723,7 @@ def check_flags(cfg):
         require_lmdeploy()  # refuse before anything is loaded
 
 
+@common.releases_run_lock
 def main(cfg):
     check_flags(cfg)
     step, policy, out = output_path(cfg)
@@ -739,7 +739,7 @@ def main(cfg):
             "--engine lmdeploy runs in one process (LMDeploy shards the model itself: --tp); drop torchrun"
         )
     if not cfg.policy and rank == 0:
-        common.record_invocation(cfg.run, "rollout", cfg)
+        common.lock_run(cfg.run, "rollout")
     dtype = common.DTYPES[cfg.dtype]
     if cfg.engine == "lmdeploy":  # our model waits on the CPU for the engine, then re-scores in float32
         model, tokenizer = attention.load_model(str(policy), dtype=torch.float32, device="cpu", attn="sdpa")
@@ -760,6 +760,8 @@ def main(cfg):
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{cfg.data}: {e}") from None
     chosen = select_prompts(cfg.num_prompts, len(prompts), cfg.seed, step)
+    if not cfg.policy and rank == 0:  # the inputs are read: from here on the run is written
+        common.record_invocation(cfg.run, "rollout", cfg)
     sampler = sampler_settings(cfg, model.config)
 
     jobs = [(i, j) for i in chosen for j in range(cfg.group_size)]  # (prompt index, sample index)
@@ -816,7 +818,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    try:
-        main(common.parse_config(Config, description=__doc__))
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    common.run_stage(main, Config, __doc__)

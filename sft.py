@@ -36,7 +36,6 @@ How this differs from the paper's code:
 import dataclasses
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,7 +295,9 @@ def read_trainer_state(cfg, run, save_dir):
     """With --resume, the last save's trainer state (None if there is none yet), refused if it
     was saved with other settings; without, a refusal to overwrite an existing SFT run."""
     if cfg.resume and (save_dir / "trainer_state.pt").is_file():
-        trainer_state = torch.load(save_dir / "trainer_state.pt", weights_only=True)
+        trainer_state = common.read_torch_state(
+            save_dir / "trainer_state.pt", {"step": int, "config": dict, "optimizer": dict, "scheduler": dict}
+        )
         changed = {
             k: (v, getattr(cfg, k))
             for k, v in trainer_state["config"].items()
@@ -335,6 +336,7 @@ def prepare_training(model, cfg, trainer_state, total_steps, world, dtype, devic
     return optimizer, scheduler, trainer_state["step"]
 
 
+@common.releases_run_lock
 def main(cfg):
     rank, world, device = common.init_distributed(cfg.device, cfg.threads)
     dtype = common.DTYPES[cfg.dtype]
@@ -347,6 +349,8 @@ def main(cfg):
             f"--batch-size {cfg.batch_size} must divide into {world} processes x "
             f"{cfg.grad_accum} micro-batches"
         )
+    if rank == 0:
+        common.lock_run(run, "sft")
     trainer_state = read_trainer_state(cfg, run, save_dir)
 
     model, tokenizer = attention.load_model(
@@ -449,7 +453,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    try:
-        main(common.parse_config(Config, description=__doc__))
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+    common.run_stage(main, Config, __doc__)

@@ -14,6 +14,7 @@ process never leaves a half-written file under a real name.
 
 import argparse
 import dataclasses
+import errno
 import fcntl
 import functools
 import importlib.metadata
@@ -137,13 +138,14 @@ def publish_policy(run, step):
     write_atomic(Path(run) / "policy" / "latest", f"step_{step:06d}\n")
 
 
-def data_stream(step, per_step, total, seed):
-    """The items of step `step`: positions step*per_step .. (step+1)*per_step - 1 of an endless
-    stream that visits items 0..total-1 in a fresh seeded order every pass. Returns (stream
-    position, item index) pairs. sft.py walks its documents this way (the position seeds a
-    document's noise), rollout.py its prompts."""
+def data_stream(step, per_step, total, seed, start=None):
+    """The items of step `step`: positions step*per_step .. (step+1)*per_step - 1 (or from
+    `start`) of an endless stream that visits items 0..total-1 in a fresh seeded order every
+    pass. Returns (stream position, item index) pairs. sft.py walks its documents this way
+    (the position seeds a document's noise), rollout.py its prompts."""
+    start = step * per_step if start is None else start
     out = []
-    for i in range(step * per_step, (step + 1) * per_step):
+    for i in range(start, start + per_step):
         epoch, k = divmod(i, total)
         out.append((i, _epoch_order(total, seed, epoch)[k]))
     return out
@@ -174,7 +176,8 @@ def append_metrics(run, record):
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
-        raise ValueError(f"{path}: cannot append ({e.strerror}); a run's files may not be symlinks") from None
+        why = "a symlink; the files of a run may not be links" if e.errno == errno.ELOOP else e.strerror
+        raise ValueError(f"{path}: cannot append: {why}") from None
     with os.fdopen(fd, "a") as f:
         f.write(line)
 
@@ -293,7 +296,7 @@ def check_rollout_record(r, where, policy_step, block_size, mask_id, vocab_size,
         fail("step_map", f"steps must be integers in [0, {block_size})")
     if not isinstance(r["logprobs"], list) or len(r["logprobs"]) != n:
         fail("logprobs", f"not a list as long as the response ({n})")
-    if not all(is_number(x) and x <= 0 for x in r["logprobs"]):
+    if not all(is_number(x) and x <= 1e-3 for x in r["logprobs"]):  # an engine may round a little above 0
         fail("logprobs", "not all finite numbers <= 0")
     if not is_number(r["reward"]):
         fail("reward", f"{r['reward']!r} is not a finite number")
@@ -323,8 +326,8 @@ TEMPORARY = re.compile(r"\..+\.tmp-(\d+)")  # write_atomic's and save_checkpoint
 
 
 def lock_run(run, stage):
-    """Hold runs/<run>/.lock (an exclusive flock) until this process ends, so that one process
-    at a time writes the run. A second writer fails at once, naming the holder; the kernel
+    """Hold runs/<run>/.lock (an exclusive flock) until the stage's main returns
+    (releases_run_lock) or the process ends, so that one process at a time writes the run. A second writer fails at once, naming the holder; the kernel
     drops the lock when the holder dies, kill -9 included. Then the temporary leftovers of
     writers that died mid-write (.NAME.tmp-PID entries whose process is gone) are removed."""
     run = Path(run)
@@ -372,8 +375,8 @@ def remove_leftovers(run):
     removed = []
     for path in sorted(Path(run).rglob(".*.tmp-*")):
         match = TEMPORARY.fullmatch(path.name)
-        if not match or process_alive(int(match.group(1))):
-            continue
+        if not match or process_alive(int(match.group(1))) or not (path.exists() or path.is_symlink()):
+            continue  # a live writer's, or inside a leftover already removed
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:

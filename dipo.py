@@ -28,8 +28,10 @@ How this differs from the paper's code:
     (--minibatches 1); ours takes 8 optimizer steps on 8 minibatches, and drops the groups
     without a learning signal first: on the built-in task that learned faster per minute
     (docs/results.md);
-  - the learning rate is constant (DiRL's public RL config warms it up over 10 steps); the
-    default 1e-4 suits the tiny model, the paper's 1e-6 is in configs/dipo_sdar8b.json;
+  - the learning rate warms up over --warmup-steps updates (the first one already at lr/N,
+    where Hugging Face's constant_with_warmup, which DiRL uses, starts at 0), then stays
+    constant; the default 1e-4 suits the tiny model, the paper's 1e-6 is in
+    configs/dipo_sdar8b.json;
   - --estimator exact (beyond the paper; the last section of this file) also takes the ratio
     of the probability that the commit rule kept exactly the tokens it kept.
 """
@@ -56,7 +58,10 @@ NOTHING_TO_LEARN = 3
 @dataclass
 class Config:
     run: str = flag("runs/arith", "run directory (layout: docs/design.md)")
-    lr: float = flag(1e-4, "AdamW learning rate (constant)")
+    lr: float = flag(1e-4, "AdamW learning rate (constant after --warmup-steps)")
+    warmup_steps: int = flag(
+        0, "linear lr warmup over the first N updates, by policy step, then constant (DiRL's RL config: 10)"
+    )
     weight_decay: float = flag(0.0, "AdamW weight decay")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)")
     clip_low: float = flag(0.2, "PPO clip: ratio >= 1 - clip_low")
@@ -441,7 +446,7 @@ def update_metrics(sums, plan, old, grad_norms, world, device):
 def summary_line(log):
     line = (
         f"dipo step {log['step']} | reward {log['reward']:.3f} ± {log['reward_std']:.3f} | "
-        f"groups kept {log['groups_kept']}/{log['groups']} | loss {log['loss']:+.4f} | "
+        f"groups kept {log['groups_kept']}/{log['groups']} | lr {log['lr']:.1e} | loss {log['loss']:+.4f} | "
         f"clip {log['clip_frac']:.3f} | kl {log['approx_kl']:.2e} | entropy {log['entropy']:.3f} | "
         f"grad norm {log['grad_norm']:.3f} | mismatch mean {log['mismatch_mean']:.1e} "
         f"max {log['mismatch_max']:.1e} | "
@@ -481,19 +486,26 @@ def carry_over(run, policy_step, model, tokenizer, log, state, state_path):
     )
 
 
-def prepare_training(model, cfg, run, state, world, dtype, device):
-    """Train mode, FSDP2 under torchrun, AdamW with the previous update's state, and with
+def warmup_lr(lr, warmup_steps, new_step):
+    """The learning rate of the update that writes policy step new_step (1, 2, ...): linear
+    warmup over the first warmup_steps updates, then lr. The policy step gives the position,
+    so a resumed loop and a fresh process continue the same schedule."""
+    return lr * min(1.0, new_step / warmup_steps) if warmup_steps > 0 else lr
+
+
+def prepare_training(model, cfg, lr, run, state, world, dtype, device):
+    """Train mode, FSDP2 under torchrun, AdamW at `lr` with the previous update's state, and with
     --beta > 0 the frozen reference policy. Returns (optimizer, reference or None)."""
     model.train()
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
     if world > 1:
         common.shard_model(model, dtype)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     if state and "optimizer" in state:
         common.load_optimizer_state(model, optimizer, state["optimizer"])
+        for group in optimizer.param_groups:  # the saved state holds the last update's lr: this one's
+            group["lr"] = lr
     if not cfg.beta:
         return optimizer, None
     ref, _ = attention.load_model(str(cfg.ref or common.policy_dir(run, 0)), device=device, attn=cfg.attn)
@@ -527,6 +539,7 @@ def main(cfg):
     # group-relative advantages; a group whose rewards are all equal has none
     adv = group_advantages([r["reward"] for r in records], [r["prompt_id"] for r in records])
     log = batch_metrics(records, adv, cfg.dapo_filter, new_step)
+    log["lr"] = warmup_lr(cfg.lr, cfg.warmup_steps, new_step)
     trainable = [i for i, a in enumerate(adv) if a != 0.0] if cfg.dapo_filter else list(range(len(records)))
     if not any(adv[i] for i in trainable):
         if rank == 0:
@@ -535,7 +548,7 @@ def main(cfg):
     records, adv = [records[i] for i in trainable], torch.tensor([adv[i] for i in trainable])
 
     # the policy to train, its optimizer (whose state carries over from the last update), the reference
-    optimizer, ref = prepare_training(model, cfg, run, state, world, dtype, device)
+    optimizer, ref = prepare_training(model, cfg, log["lr"], run, state, world, dtype, device)
 
     # minibatches of the records, then this process's micro-batches of each
     minibatches = split_minibatches(len(records), cfg.minibatches, cfg.seed, policy_step)

@@ -472,21 +472,22 @@ def log_to_run(run, result, records_file):
     """Append one {"stage": "eval", "step": policy step, ...} line per data source to
     run/metrics.jsonl, so that held-out accuracy sits beside the training curve."""
     first = json.loads(next(line for line in Path(records_file).read_text().splitlines() if line.strip()))
-    with open(Path(run) / "metrics.jsonl", "a") as f:
+    # strict JSON (a non-finite number becomes null) and never through a symlink, as common.append_metrics
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+    with os.fdopen(os.open(Path(run) / "metrics.jsonl", flags, 0o644), "a") as f:
         for source, numbers in result["sources"].items():
-            f.write(
-                json.dumps(
-                    {
-                        "time": round(time.time(), 3),
-                        "stage": "eval",
-                        "step": first.get("policy_step"),
-                        "file": str(records_file),
-                        "data_source": source,
-                        **numbers,
-                    }
-                )
-                + "\n"
-            )
+            numbers = {
+                k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in numbers.items()
+            }
+            line = {
+                "time": round(time.time(), 3),
+                "stage": "eval",
+                "step": first.get("policy_step"),
+                "file": str(records_file),
+                "data_source": source,
+                **numbers,
+            }
+            f.write(json.dumps(line, allow_nan=False) + "\n")
 
 
 def loop_minutes(lines):

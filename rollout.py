@@ -5,7 +5,9 @@ Reads  runs/<run>/policy/latest (step k) and its checkpoint, or --policy DIR
        benchmark layouts eval.load_prompts accepts); default the built-in RL split
 Writes runs/<run>/rollouts/step_<k>.jsonl, or --out FILE; one line per sampled response:
        policy_step, prompt_id, question, ground_truth_answer, prompt_ids, response_ids,
-       step_map, logprobs, text, reward, finish, sampler (docs/design.md, "The rollout record")
+       step_map, logprobs, text, reward, finish, sampler (docs/design.md, "The rollout record");
+       with --dynamic-sampling also step_<k>.stream.json beside it: the stream positions its
+       rounds used ({start, end, rounds, prompts_sampled, groups_kept}), where step k+1 starts
 
 Usage: python rollout.py --run runs/arith [--num-prompts 128 --group-size 8]
        torchrun --nproc-per-node N -- rollout.py --run runs/arith   (each process samples every N-th
@@ -44,6 +46,12 @@ refused, never guessed around. Our model then re-scores --rescore records in the
 their step maps imply and the engine-trainer logprob gap is printed and logged (or, when
 the engine gives no logprobs, our scores fill them in).
 
+--dynamic-sampling is DAPO's dynamic sampling as DiRL's RL script runs it: groups whose
+rewards are all equal carry no advantage, so rounds of the stream's next --num-prompts
+prompts are sampled until --num-prompts groups with 0 < mean reward < 1 are kept (at most
+--max-sample-rounds rounds; the metrics line says how many prompts that took, and the
+shortfall).
+
 How this differs from the paper's code: the paper samples with a patched LMDeploy 0.10.1
 that returns step maps and never checks the engine's logprobs against the trainer's; here
 the default sampler is plain PyTorch (any device), LMDeploy is optional, and its gap to
@@ -56,6 +64,7 @@ import hashlib
 import json
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +121,15 @@ class Config:
     device: str = flag("auto", "auto (cuda if present), cpu or cuda")
     dtype: str = flag("float32", "float32 or bfloat16")
     seed: int = flag(0, "sampling seed")
+    dynamic_sampling: bool = flag(
+        False,
+        "keep only groups whose mean reward is strictly between 0 and 1, sampling the stream's next "
+        "--num-prompts prompts in rounds until --num-prompts such groups are kept (DAPO's dynamic "
+        "sampling, as train/rollout_dapo_server.py in OpenMOSS/DiRL)",
+    )
+    max_sample_rounds: int = flag(
+        6, "--dynamic-sampling: at most this many rounds, then the file holds what was kept"
+    )
     force: bool = flag(False, "overwrite an existing output file")
     threads: int = flag(0, "torch CPU threads (0 = torch's default)")
 
@@ -385,12 +403,57 @@ def stop_index(response_ids, stop_ids):
     return next((i for i, t in enumerate(response_ids) if t in stop_ids), len(response_ids))
 
 
-def select_prompts(num_prompts, total, seed, step):
+def select_prompts(num_prompts, total, seed, step, start=None):
     """Indices of the prompts for policy step `step`: the next num_prompts of common's data
-    stream, a fresh seeded order every pass through the file (0 = all, in file order)."""
+    stream (from position step x num_prompts, or `start`), a fresh seeded order every pass
+    through the file (0 = all, in file order)."""
     if num_prompts <= 0:
         return list(range(total))
-    return [i for _, i in common.data_stream(step, num_prompts, total, seed)]
+    return [i for _, i in common.data_stream(step, num_prompts, total, seed, start)]
+
+
+def dynamic_rounds(sample_round, round_prompts, num_prompts, max_rounds):
+    """DAPO's dynamic sampling. Round r samples every group of round_prompts(r) (the stream's
+    next prompts) with sample_round(prompts) -> records, and keeps, in stream order, the groups
+    whose mean reward is strictly between 0 and 1 (the others have no advantage to learn from),
+    until num_prompts groups are kept or max_rounds rounds are done; a prompt is kept once per
+    step. If no group was kept, the file holds the last round's groups: none has a learning
+    signal, and dipo.py carries the policy over. Returns (records, {rounds, prompts_sampled,
+    groups_kept})."""
+    kept, kept_prompts, sampled, records = [], set(), 0, []
+    for r in range(max_rounds):
+        prompts = list(dict.fromkeys(round_prompts(r)))  # a prompt twice in a round would merge groups
+        records = sample_round(prompts)
+        sampled += len(prompts)
+        groups = defaultdict(list)
+        for record in records:
+            groups[record["prompt_id"]].append(record)
+        for i in prompts:
+            group = groups[str(i)]
+            mean = sum(g["reward"] for g in group) / len(group)
+            if 0 < mean < 1 and i not in kept_prompts and len(kept_prompts) < num_prompts:
+                kept += group
+                kept_prompts.add(i)
+        if len(kept_prompts) >= num_prompts:
+            break
+    return (kept or records), {"rounds": r + 1, "prompts_sampled": sampled, "groups_kept": len(kept_prompts)}
+
+
+def stream_start(cfg, step, out):
+    """Where this step's prompts start in the stream: where the previous step's rounds stopped
+    (its step_<k-1>.stream.json beside the rollouts), else at step x num_prompts."""
+    previous = out.with_name(f"step_{step - 1:06d}.stream.json")
+    if cfg.policy or cfg.out or step == 0 or not previous.is_file():
+        return step * cfg.num_prompts
+    try:
+        end = json.loads(previous.read_text())["end"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        end = None
+    if not common.is_int(end) or end < 0:
+        raise ValueError(
+            f"{previous}: end: not a stream position; delete it to restart at step x --num-prompts"
+        )
+    return end
 
 
 def sequence_seed(seed, step, prompt_id, sample):
@@ -719,8 +782,28 @@ def check_flags(cfg):
         raise ValueError(f"--strategy {cfg.strategy!r}: choose from {', '.join(STRATEGIES)}")
     if cfg.engine not in ("torch", "lmdeploy"):
         raise ValueError(f"--engine {cfg.engine!r}: choose torch or lmdeploy")
+    if cfg.dynamic_sampling and (cfg.num_prompts <= 0 or cfg.max_sample_rounds < 1):
+        raise ValueError("--dynamic-sampling needs --num-prompts > 0 and --max-sample-rounds >= 1")
     if cfg.engine == "lmdeploy":
         require_lmdeploy()  # refuse before anything is loaded
+
+
+def load_inputs(cfg, policy, device):
+    """The policy (in eval mode; for --engine lmdeploy on the CPU in float32, for the re-score
+    after the engine is done), its tokenizer, and the prompts."""
+    if cfg.engine == "lmdeploy":
+        model, tokenizer = attention.load_model(str(policy), dtype=torch.float32, device="cpu", attn="sdpa")
+    else:
+        model, tokenizer = attention.load_model(str(policy), common.DTYPES[cfg.dtype], device, attn="sdpa")
+    if cfg.block_size and cfg.block_size != model.config.block_size:
+        raise ValueError(
+            f"--block-size {cfg.block_size} differs from the checkpoint's {model.config.block_size} ({policy})"
+        )
+    try:
+        prompts = grader.load_prompts(cfg.data)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg.data}: {e}") from None
+    return model.eval(), tokenizer, prompts
 
 
 @common.releases_run_lock
@@ -740,77 +823,97 @@ def main(cfg):
         )
     if not cfg.policy and rank == 0:
         common.lock_run(cfg.run, "rollout")
-    dtype = common.DTYPES[cfg.dtype]
-    if cfg.engine == "lmdeploy":  # our model waits on the CPU for the engine, then re-scores in float32
-        model, tokenizer = attention.load_model(str(policy), dtype=torch.float32, device="cpu", attn="sdpa")
-    else:
-        model, tokenizer = attention.load_model(str(policy), dtype=dtype, device=device, attn="sdpa")
-    model.eval()
-    if cfg.block_size and cfg.block_size != model.config.block_size:
-        raise ValueError(
-            f"--block-size {cfg.block_size} differs from the checkpoint's "
-            f"{model.config.block_size} ({policy})"
-        )
+    model, tokenizer, prompts = load_inputs(cfg, policy, device)
     instruction = model.config.instruction if cfg.instruction == "auto" else cfg.instruction
     stop_ids = {tokenizer.convert_tokens_to_ids(attention.IM_END)} | (
         set() if cfg.ban_eos else {tokenizer.eos_token_id}
     )
-    try:
-        prompts = grader.load_prompts(cfg.data)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cfg.data}: {e}") from None
-    chosen = select_prompts(cfg.num_prompts, len(prompts), cfg.seed, step)
+    start = stream_start(cfg, step, out)
+    chosen = select_prompts(cfg.num_prompts, len(prompts), cfg.seed, step, start)
     if not cfg.policy and rank == 0:  # the inputs are read: from here on the run is written
         common.record_invocation(cfg.run, "rollout", cfg)
     sampler = sampler_settings(cfg, model.config)
+    texts, prompt_ids, t0, new_tokens = {}, {}, time.time(), 0
+    bar = tqdm(total=0, desc=f"rollout step {step}", unit="seq", disable=rank != 0)
 
-    jobs = [(i, j) for i in chosen for j in range(cfg.group_size)]  # (prompt index, sample index)
-    texts = {i: attention.render_prompt(prompts[i]["question"], instruction) for i in chosen}
-    prompt_ids = {i: tokenizer(texts[i], add_special_tokens=False)["input_ids"] for i in chosen}
-    jobs = jobs[rank::world]
-    records, t0, new_tokens = [], time.time(), 0
-    bar = tqdm(total=len(jobs), desc=f"rollout step {step}", unit="seq", disable=rank != 0)
-    for batch in (
-        [jobs]
-        if cfg.engine == "lmdeploy"
-        else [jobs[start : start + cfg.batch_size] for start in range(0, len(jobs), cfg.batch_size)]
-    ):
-        seeds = [sequence_seed(cfg.seed, step, i, j) for i, j in batch]
-        if cfg.engine == "lmdeploy":
-            results = lmdeploy_results(
-                policy,
-                [texts[i] for i, _ in batch],
-                [prompt_ids[i] for i, _ in batch],
-                seeds,
-                cfg,
-                model.config.block_size,
-                tokenizer.eos_token_id,
-            )
-        else:
-            generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-            results = generate(model, [prompt_ids[i] for i, _ in batch], generators, cfg, stop_ids)
-        for (i, _), result in zip(batch, results):
-            response = result["response_ids"]
-            text = tokenizer.decode(response[: stop_index(response, stop_ids)])
-            reward = grader.grade(text, prompts[i]["ground_truth_answer"], answer_format=cfg.answer_format)
-            records.append(make_record(step, i, prompts[i], prompt_ids[i], result, text, reward, sampler))
-            new_tokens += len(response)
-        bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{new_tokens / (time.time() - t0):.0f}")
+    def sample(jobs):  # (prompt index, sample index) pairs -> their records, in order
+        nonlocal new_tokens
+        for i, _ in jobs:
+            if i not in texts:
+                texts[i] = attention.render_prompt(prompts[i]["question"], instruction)
+                prompt_ids[i] = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
+        bar.total += len(jobs)
+        records = []
+        batch_size = len(jobs) if cfg.engine == "lmdeploy" else cfg.batch_size
+        for batch in [jobs[first : first + batch_size] for first in range(0, len(jobs), max(1, batch_size))]:
+            seeds = [sequence_seed(cfg.seed, step, i, j) for i, j in batch]
+            if cfg.engine == "lmdeploy":
+                results = lmdeploy_results(
+                    policy,
+                    [texts[i] for i, _ in batch],
+                    [prompt_ids[i] for i, _ in batch],
+                    seeds,
+                    cfg,
+                    model.config.block_size,
+                    tokenizer.eos_token_id,
+                )
+            else:
+                generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+                results = generate(model, [prompt_ids[i] for i, _ in batch], generators, cfg, stop_ids)
+            for (i, _), result in zip(batch, results):
+                response = result["response_ids"]
+                text = tokenizer.decode(response[: stop_index(response, stop_ids)])
+                reward = grader.grade(
+                    text, prompts[i]["ground_truth_answer"], answer_format=cfg.answer_format
+                )
+                records.append(make_record(step, i, prompts[i], prompt_ids[i], result, text, reward, sampler))
+                new_tokens += len(response)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{new_tokens / (time.time() - t0):.0f}")
+        return records
+
+    def sample_round(round_prompts):  # every process samples a share; all of them see every record
+        jobs = [(i, j) for i in round_prompts for j in range(cfg.group_size)]
+        mine = sample(jobs[rank::world])
+        if world == 1:
+            return mine
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+        return [parts[k % world][k // world] for k in range(len(jobs))]
+
+    stream = None
+    if cfg.dynamic_sampling:  # rounds of the stream's next prompts until --num-prompts informative groups
+        records, stream = dynamic_rounds(
+            sample_round,
+            lambda r: select_prompts(
+                cfg.num_prompts, len(prompts), cfg.seed, step, start + r * cfg.num_prompts
+            ),
+            cfg.num_prompts,
+            cfg.max_sample_rounds,
+        )
+        stream.update(start=start, end=start + stream["rounds"] * cfg.num_prompts)
+    else:
+        records = sample([(i, j) for i in chosen for j in range(cfg.group_size)][rank::world])
     bar.close()
     engine_check = (
         check_engine_logprobs(model.to(device), records, cfg.rescore) if cfg.engine == "lmdeploy" else {}
     )
-    if world > 1:  # every process wrote its share; process 0 interleaves them back into job order
+    if world > 1 and stream is None:  # every process wrote its share; process 0 interleaves them
         records = gather_records(out, records, rank, world)
-        if rank != 0:
-            return
+    elif world > 1:  # the rounds gave every process every record
+        common.finish_distributed(world)
+    if rank != 0:
+        return
     summary = {"stage": "rollout", "step": step, **batch_summary(records, time.time() - t0), **engine_check}
+    if stream is not None:  # what the rounds cost, and the shortfall; the next step starts at "end"
+        summary.update(stream, shortfall=cfg.num_prompts - stream["groups_kept"])
+        common.write_atomic(out.with_name(f"{out.stem}.stream.json"), json.dumps(stream) + "\n")
     if not cfg.policy:  # before the file (the commit point): a kill in between repeats the line
         common.append_metrics(cfg.run, summary)
     common.write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
     print(
-        f"rollout step {step}: {len(records)} responses to {len(chosen)} prompts -> {out} | "
+        f"rollout step {step}: {len(records)} responses to {len({r['prompt_id'] for r in records})} prompts "
+        f"-> {out} | "
         f"reward {summary['reward']:.3f} | {summary['response_tokens']:.1f} tokens/response | "
         f"{summary['tokens_per_forward']:.2f} tokens/forward | truncated {summary['truncated']:.1%} | "
         f"{summary['seconds']:.1f} s"

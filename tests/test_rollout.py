@@ -4,6 +4,7 @@ script's files and refusals."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -624,3 +625,111 @@ def test_two_processes_write_the_same_file_as_one(run_dir, tmp_path):
     # two processes sample other batch shapes than one: the same records, logprobs to rounding
     assert_same_records(read_records(tmp_path / "two.jsonl"), read_records(tmp_path / "one.jsonl"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]  # no part files left
+
+
+# ----------------------------------------------------------------------------- dynamic sampling
+
+
+def test_dynamic_rounds_keep_informative_groups_in_stream_order():
+    """Rewards are a known function of the prompt: i % 3 == 1 gives a mixed group (kept), the
+    others all-equal groups (dropped)."""
+
+    def sample_round(prompts):
+        return [
+            {"prompt_id": str(i), "reward": float(j % 2) if i % 3 == 1 else float(i % 3 == 0)}
+            for i in prompts
+            for j in range(4)
+        ]
+
+    stream = list(range(100))
+
+    def round_prompts(r):
+        return stream[r * 5 : (r + 1) * 5]
+
+    records, stats = rollout.dynamic_rounds(sample_round, round_prompts, num_prompts=4, max_rounds=6)
+    assert [r["prompt_id"] for r in records[::4]] == [
+        "1",
+        "4",
+        "7",
+        "10",
+    ]  # rounds 0-2 hold 1, 4 | 7 | 10, 13
+    assert stats == {"rounds": 3, "prompts_sampled": 15, "groups_kept": 4}
+    records, stats = rollout.dynamic_rounds(sample_round, round_prompts, num_prompts=4, max_rounds=2)
+    assert stats["groups_kept"] == 3 and stats["rounds"] == 2  # the shortfall: what two rounds gave
+    records, stats = rollout.dynamic_rounds(
+        sample_round, lambda r: [1, 1, 1, 4, 1], num_prompts=4, max_rounds=3
+    )
+    assert [r["prompt_id"] for r in records[::4]] == ["1", "4"] and stats["prompts_sampled"] == 6
+    records, stats = rollout.dynamic_rounds(sample_round, lambda r: [0, 2, 3], num_prompts=2, max_rounds=2)
+    assert stats["groups_kept"] == 0 and len(records) == 12  # none kept: the last round, for dipo's exit 3
+
+
+def test_dynamic_sampling_continues_the_stream_and_resumes_byte_identical(run_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    monkeypatch.setattr(
+        rollout.grader, "grade", lambda text, gold, answer_format="boxed": float(len(text) % 2)
+    )
+    cfg = dict(
+        run=str(run),
+        num_prompts=3,
+        group_size=3,
+        max_new_tokens=8,
+        threshold=0.5,
+        threads=1,
+        dynamic_sampling=True,
+    )
+    rollout.main(rollout.Config(**cfg))
+    first = json.loads((run / "rollouts" / "step_000003.stream.json").read_text())
+    records = read_records(run / "rollouts" / "step_000003.jsonl")
+    by_prompt = {}
+    for r in records:
+        assert r["reward"] == float(len(r["text"]) % 2)
+        by_prompt.setdefault(r["prompt_id"], []).append(r["reward"])
+    assert all(0 < sum(g) / len(g) < 1 for g in by_prompt.values()) and len(by_prompt) == first["groups_kept"]
+    assert first["start"] == 9 and first["end"] == 9 + 3 * first["rounds"]  # policy step 3 x 3 prompts
+    line = [
+        m
+        for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if m["stage"] == "rollout"
+    ]
+    assert {"prompts_sampled", "groups_kept", "rounds", "shortfall", "seconds"} <= set(line[-1])
+    shutil.copytree(common.policy_dir(run, 3), common.policy_dir(run, 4))  # the next policy step
+    common.publish_policy(run, 4)
+    rollout.main(rollout.Config(**cfg))
+    second = json.loads((run / "rollouts" / "step_000004.stream.json").read_text())
+    assert second["start"] == first["end"]  # the stream goes on after the prompts step 3 consumed
+    kept = {p: (run / "rollouts" / p).read_bytes() for p in ("step_000004.jsonl", "step_000004.stream.json")}
+    for name in kept:  # killed before or after the stream file: the rerun writes the same bytes
+        (run / "rollouts" / name).unlink()
+    rollout.main(rollout.Config(**cfg))
+    assert {p: (run / "rollouts" / p).read_bytes() for p in kept} == kept
+
+
+def test_dynamic_sampling_two_processes_agree_on_the_rounds(run_dir, tmp_path):
+    args = [
+        "--run",
+        run_dir,
+        "--num-prompts",
+        2,
+        "--group-size",
+        3,
+        "--threshold",
+        0.5,
+        "--max-new-tokens",
+        8,
+    ]
+    args += ["--threads", 1, "--dynamic-sampling", "--max-sample-rounds", 2]
+    one = run_rollout(args + ["--out", tmp_path / "one.jsonl"])
+    assert one.returncode == 0, one.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--"]
+    two = subprocess.run(
+        torchrun + [str(ROOT / "rollout.py"), *map(str, args), "--out", str(tmp_path / "two.jsonl")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_records(read_records(tmp_path / "two.jsonl"), read_records(tmp_path / "one.jsonl"))
+    assert (tmp_path / "two.stream.json").read_text() == (tmp_path / "one.stream.json").read_text()

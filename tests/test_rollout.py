@@ -596,7 +596,15 @@ def test_prompt_selection_moves_on_with_the_policy_step():
     assert rollout.select_prompts(0, 7, seed=1, step=3) == list(range(7))
 
 
-def test_two_processes_write_the_same_file_as_one(run_dir, tmp_path):
+def torchrun_rollout(args, out):
+    """rollout.py under torchrun with 2 gloo processes."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--"]
+    command = torchrun + [str(ROOT / "rollout.py"), *map(str, args), "--out", str(out)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["plain", "dynamic sampling"])
+def test_two_processes_write_the_same_file_as_one(run_dir, tmp_path, dynamic):
     args = [
         "--run",
         run_dir,
@@ -608,23 +616,18 @@ def test_two_processes_write_the_same_file_as_one(run_dir, tmp_path):
         0.5,
         "--max-new-tokens",
         12,
-        "--threads",
-        1,
     ]
+    args += ["--threads", 1] + (["--dynamic-sampling", "--max-sample-rounds", 2] if dynamic else [])
     one = run_rollout(args + ["--out", tmp_path / "one.jsonl"])
     assert one.returncode == 0, one.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--"]
-    two = subprocess.run(
-        torchrun + [str(ROOT / "rollout.py"), *map(str, args), "--out", str(tmp_path / "two.jsonl")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+    two = torchrun_rollout(args, tmp_path / "two.jsonl")
     assert two.returncode == 0, two.stderr[-3000:]
     # two processes sample other batch shapes than one: the same records, logprobs to rounding
     assert_same_records(read_records(tmp_path / "two.jsonl"), read_records(tmp_path / "one.jsonl"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]  # no part files left
+    files = ["one.jsonl", "two.jsonl"] + (["one.stream.json", "two.stream.json"] if dynamic else [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # no part files left
+    if dynamic:  # the processes agreed on the rounds
+        assert (tmp_path / "two.stream.json").read_text() == (tmp_path / "one.stream.json").read_text()
 
 
 # ----------------------------------------------------------------------------- dynamic sampling
@@ -667,6 +670,7 @@ def test_dynamic_rounds_keep_informative_groups_in_stream_order():
 def test_dynamic_sampling_continues_the_stream_and_resumes_byte_identical(run_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
+    shutil.rmtree(run / "rollouts", ignore_errors=True)  # what other tests sampled into the shared run
     monkeypatch.setattr(
         rollout.grader, "grade", lambda text, gold, answer_format="boxed": float(len(text) % 2)
     )
@@ -704,32 +708,3 @@ def test_dynamic_sampling_continues_the_stream_and_resumes_byte_identical(run_di
         (run / "rollouts" / name).unlink()
     rollout.main(rollout.Config(**cfg))
     assert {p: (run / "rollouts" / p).read_bytes() for p in kept} == kept
-
-
-def test_dynamic_sampling_two_processes_agree_on_the_rounds(run_dir, tmp_path):
-    args = [
-        "--run",
-        run_dir,
-        "--num-prompts",
-        2,
-        "--group-size",
-        3,
-        "--threshold",
-        0.5,
-        "--max-new-tokens",
-        8,
-    ]
-    args += ["--threads", 1, "--dynamic-sampling", "--max-sample-rounds", 2]
-    one = run_rollout(args + ["--out", tmp_path / "one.jsonl"])
-    assert one.returncode == 0, one.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--"]
-    two = subprocess.run(
-        torchrun + [str(ROOT / "rollout.py"), *map(str, args), "--out", str(tmp_path / "two.jsonl")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert_same_records(read_records(tmp_path / "two.jsonl"), read_records(tmp_path / "one.jsonl"))
-    assert (tmp_path / "two.stream.json").read_text() == (tmp_path / "one.stream.json").read_text()

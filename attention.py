@@ -19,8 +19,9 @@ BlockMask; the default on CUDA), "sdpa" (a dense boolean [B, 1, N, N] mask built
 from the same `mask_mod`; the default elsewhere, since FlexAttention has no CPU
 backward) and "eager" (an additive float mask; for checking). The mask reaches
 transformers' attention function untouched because we pass it as a dict keyed by
-layer type, which Qwen3Model forwards as-is; FlexAttention is registered once
-under the name "dirl_flex" through transformers' AttentionInterface.
+layer type, which Qwen3Model forwards as-is. Both masks run through functions registered
+with transformers' AttentionInterface: "dirl_flex" (FlexAttention) and "dirl_sdpa" (torch's
+SDPA told that the model uses grouped key/value heads, so they are not copied per head).
 
 Models: `load_model("tiny")` builds the small Qwen3 + character tokenizer used on
 CPU; `load_model(dir)` opens a checkpoint this project wrote or an SDAR
@@ -58,6 +59,7 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from common import flag, parse_config
 
@@ -68,7 +70,7 @@ SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END, MASK_TOKEN_NAMES[0]]
 DEFAULT_BLOCK_SIZE = 4
 DIRL_INSTRUCTION = "Please reason step by step, and put your final answer within $\\boxed{}$."
 TINY_INSTRUCTION = ""  # every character is a token for the tiny tokenizer, and the task always boxes
-BACKENDS = {"sdpa": "sdpa", "eager": "eager", "flex": "dirl_flex"}  # our name -> transformers' name
+BACKENDS = {"sdpa": "dirl_sdpa", "eager": "eager", "flex": "dirl_flex"}  # our name -> transformers' name
 
 
 # ----------------------------------------------------------------------------- the mask
@@ -184,12 +186,50 @@ def _flex_attention_forward(module, query, key, value, attention_mask, scaling=N
     return out.transpose(1, 2).contiguous(), None  # [B, Q, H, D], no attention weights
 
 
+def _sdpa_attention_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_rows=None, **kwargs
+):
+    """transformers attention function for "dirl_sdpa": torch's SDPA with the boolean mask and
+    enable_gqa, so that every query head reads its key/value head in place. (transformers'
+    own "sdpa" copies each key/value head once per query head whenever a mask is given: a
+    third of a sampling forward on the tiny model. The outputs are the same to the bit.)
+    Called without a mask of ours, transformers builds its causal one with `sdpa_mask`, or
+    passes None where plain causal attention is meant.
+
+    packed_rows = (rows, slots, width), three things rollout.RowCache passes: the query is
+    then [1, H, T, D], chunks of several rows packed into one sequence so that the linear
+    layers see no padding; token t is query `slots[t]` of row `rows[t]`. The queries are
+    unpacked to [R, H, width, D] to meet the keys of their rows [R, Hkv, K, D], and packed
+    back."""
+    if packed_rows is not None:
+        rows, slots, width = packed_rows
+        unpacked = query.new_zeros(key.shape[0], query.shape[1], width, query.shape[3])
+        unpacked[rows, :, slots] = query[0].transpose(0, 1)  # [T, H, D] into [R, H, width, D]
+        query = unpacked
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=attention_mask is None and query.shape[2] > 1,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    if packed_rows is not None:
+        return out[rows, :, slots][None], None  # [1, T, H, D]
+    return out.transpose(1, 2).contiguous(), None  # [B, Q, H, D], no attention weights
+
+
 AttentionInterface.register(BACKENDS["flex"], _flex_attention_forward)
+AttentionInterface.register(BACKENDS["sdpa"], _sdpa_attention_forward)
+AttentionMaskInterface.register(BACKENDS["sdpa"], sdpa_mask)
 transformers.utils.logging.disable_progress_bar()  # a bar per load or save would bury the stages' own bars
 
 
 def backend_of(model):
-    return {v: k for k, v in BACKENDS.items()}[model.config._attn_implementation]
+    ours = {v: k for k, v in BACKENDS.items()}
+    return {**ours, "sdpa": "sdpa"}[model.config._attn_implementation]  # transformers' sdpa: our dense mask
 
 
 def forward_layout(model, input_ids, layout, at=None):

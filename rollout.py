@@ -28,10 +28,12 @@ at every masked position (temperature, top-k, top-p) and commits some of them:
 Rows advance independently: every batch forward is a denoising step of every live row, and
 a row whose block is complete writes that clean block to the cache in the same forward as
 the first step of its next block, so no row waits for the slowest one (RowCache keeps a
-length per row). A sequence stops at the block holding eos or <|im_end|>, or at --max-new-tokens,
-and leaves the batch at once (for evaluation only, --ban-eos and --min-new-tokens follow
-DiRL's protocol: no <|endoftext|>, no stop token before N new tokens; dipo.py refuses such
-files). For every
+length per row, and packs the rows' chunks into one sequence, so that no row is padded).
+A sequence stops at the block holding eos or <|im_end|>, or at --max-new-tokens, and leaves
+the batch at once; waiting sequences take the free rows, at most --batch-size at a time,
+and the G samples of a prompt share its prefill (for evaluation only, --ban-eos and
+--min-new-tokens follow DiRL's protocol: no <|endoftext|>, no stop token before N new
+tokens; dipo.py refuses such files). For every
 committed token the record keeps its step inside its block (step_map) and
 its log-probability at temperature 1 in the state it was committed in (logprobs): DiPO
 rebuilds exactly those states, which is what makes it unbiased.
@@ -65,7 +67,7 @@ import json
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -90,7 +92,7 @@ class Config:
         128, "prompts per call, taken in a seeded order that moves on with the policy step; 0 = all"
     )
     group_size: int = flag(8, "responses sampled per prompt (G)")
-    batch_size: int = flag(64, "sequences sampled together")
+    batch_size: int = flag(256, "sequences sampled together; a finished one makes room for the next")
     strategy: str = flag("low_confidence_dynamic", f"commit rule: {', '.join(STRATEGIES)}")
     threshold: float = flag(0.9, "low_confidence_dynamic: commit every token at least this confident")
     denoising_steps: int = flag(4, "low_confidence_static: steps per block")
@@ -199,14 +201,16 @@ def banned_tokens(cfg, vocab_size, eos_id, stop_ids, response_index):
 class RowCache(Cache):
     """A KV cache in which every row (sequence) has its own length, so that each row can be at
     a block of its own. Keys and values live in one preallocated buffer per layer,
-    [rows, kv heads, capacity, head dim]; a forward writes its chunk of every row at that
-    row's `lengths[r]` and attends over the buffer up to the longest row plus the chunk.
-    What a query may see is the caller's 4D mask (`chunk_attention_mask`), which never shows
-    a column at or past a row's length outside the chunk being written; so a denoising step
-    leaves nothing behind (the next chunk overwrites it), and a clean block is kept by
-    advancing the row's length past it. The live rows are the buffer's first `live` rows:
-    rows that finish leave with `keep`, which moves only the rows that fill their places.
-    Only `update` is used by the model: positions and masks are given explicitly."""
+    [rows, kv heads, capacity, head dim]. A forward runs a chunk of tokens per row, written
+    at that row's `lengths[r]`; the chunks of all rows are packed into one sequence, so that
+    a short chunk costs no padding in the linear layers (attention.py's "dirl_sdpa" unpacks
+    the queries to meet their rows' keys). What a query may see is the 4D mask `forward`
+    builds (`chunk_attention_mask`), which never shows a column at or past a row's length
+    outside the chunk being written; so a denoising step leaves nothing behind (the next
+    chunk overwrites it), and a clean block is kept by advancing the row's length past it.
+    The live rows are the buffer's first `live` rows: rows that finish leave with `keep`,
+    which moves only the rows that fill their places, and new rows join after them with
+    `admit`. Only `update` is used by the model: positions and masks are given explicitly."""
 
     def __init__(self, model, rows, capacity):
         super().__init__(layers=[])  # the base class's per-layer objects are replaced by the buffers below
@@ -217,30 +221,72 @@ class RowCache(Cache):
             for _ in range(config.num_hidden_layers)
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]
-        self.lengths = torch.zeros(
-            rows, dtype=torch.long, device=weight.device
-        )  # [R] clean columns of each row
-        self.live, self.width = rows, 0  # width: columns the next forward attends over (chunk_attention_mask)
+        self.lengths = torch.zeros(0, dtype=torch.long, device=weight.device)  # [R] clean columns of each row
+        self.live, self.width = 0, 0  # width: columns the next forward attends over (chunk_attention_mask)
+        self.rows = self.columns = None  # [T] where the packed tokens of the next forward are written
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        chunk = key_states.shape[2]
-        columns = self.lengths[:, None] + torch.arange(chunk, device=key_states.device)  # [R, W]
-        index = columns[:, None, :, None].expand_as(key_states)  # [R, H, W, D]
-        keys, values = self.keys[layer_idx][: self.live], self.values[layer_idx][: self.live]
-        keys.scatter_(2, index, key_states)
-        values.scatter_(2, index, value_states)
-        return keys[:, :, : self.width], values[:, :, : self.width]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[self.rows, :, self.columns] = key_states[0].transpose(0, 1)  # [T, H, D]: one per packed token
+        values[self.rows, :, self.columns] = value_states[0].transpose(0, 1)
+        return keys[: self.live, :, : self.width], values[: self.live, :, : self.width]
 
     def get_seq_length(self, layer_idx=0):
         return int(self.lengths.max())
 
+    def forward(self, model, tokens, rows, slots, logits_to_keep=0):
+        """Run the model on a chunk per live row, packed: token t (tokens, rows, slots [T]) is
+        column slots[t] of row rows[t]'s chunk, which is written at the row's length. Returns
+        the logits [T, V] (only the last token's with logits_to_keep=1)."""
+        width = int(slots.max()) + 1
+        mask, self.width = chunk_attention_mask(self.lengths, width, model.config.block_size)
+        self.rows, self.columns = rows, self.lengths[rows] + slots
+        out = model(
+            input_ids=tokens[None],
+            position_ids=self.columns[None],
+            past_key_values=self,
+            use_cache=True,
+            attention_mask={t: mask for t in set(model.config.layer_types)},
+            logits_to_keep=logits_to_keep,
+            packed_rows=(rows, slots, width),
+        )
+        return out.logits[0]
+
     def keep(self, order):
-        """Row i becomes the old row order[i], for i < len(order)."""
-        for i, j in enumerate(order):
-            if i != j:
-                for buffer in self.keys + self.values:
-                    buffer[i] = buffer[j]
+        """Row i becomes the old row order[i], for i < len(order): finished rows leave. Only
+        the rows that change are copied."""
+        moves = [(i, j) for i, j in enumerate(order) if i != j]
+        if moves:
+            to, source = (torch.tensor(m, device=self.lengths.device) for m in zip(*moves))
+            for buffer in self.keys + self.values:
+                buffer[to] = buffer[source]  # the sources are read before any row is written
         self.lengths, self.live = self.lengths[order], len(order)
+
+    def admit(self, model, prompts):
+        """New rows join after the live ones, with each prompt's complete blocks prefilled.
+        Equal prompts (the G samples of one prompt) are run once and copied."""
+        b, device = model.config.block_size, self.lengths.device
+        clean = torch.tensor([len(p) // b * b for p in prompts], device=device)  # [N] complete blocks
+        first, count = self.live, len(prompts)
+        if int(clean.max()) > 0:
+            distinct = {}  # prompt -> its row in the prefill
+            source = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+            prefill = RowCache(model, len(distinct), capacity=int(clean.max()))
+            prefill.live, prefill.lengths = len(distinct), torch.zeros_like(clean[: len(distinct)])
+            ids = torch.tensor([t for p in distinct for t in p[: len(p) // b * b]], device=device)  # [T]
+            rows, slots = packing(torch.tensor([len(p) // b * b for p in distinct], device=device))
+            prefill.forward(model, ids, rows, slots, logits_to_keep=1)  # only the cache is wanted
+            index = torch.tensor(source, device=device)
+            for mine, theirs in zip(self.keys + self.values, prefill.keys + prefill.values):
+                mine[first : first + count, :, : prefill.width] = theirs[index]
+        self.lengths, self.live = torch.cat([self.lengths, clean]), first + count
+
+
+def packing(widths):
+    """rows, slots [T] of chunks of widths[r] tokens per row, packed in row order."""
+    rows = torch.repeat_interleave(torch.arange(len(widths), device=widths.device), widths)
+    starts = torch.cumsum(widths, 0) - widths  # [R] where each row's chunk begins
+    return rows, torch.arange(len(rows), device=widths.device) - starts[rows]
 
 
 def compaction_order(live):
@@ -263,138 +309,142 @@ def chunk_attention_mask(lengths, chunk, block_size):
     return ((col < lengths[:, None, None]) | in_chunk)[:, None], width
 
 
+@dataclass
+class LiveRows:
+    """The sampler's state of every live row, in the RowCache's row order."""
+
+    prompt: torch.Tensor  # [R] the index of the row's prompt
+    block: torch.Tensor  # [R, b] the current block: the prompt's tail, committed tokens and masks
+    masked: torch.Tensor  # [R, b] positions still to commit
+    new: torch.Tensor  # [R, b] the response's positions in the block
+    to_commit: torch.Tensor  # [R] masked positions the block started with (the static quota)
+    step: torch.Tensor  # [R] denoising steps taken in the block
+    step_map: torch.Tensor  # [R, b] the step each position was committed at (-1: not yet)
+    logprobs: torch.Tensor  # [R, b] the committed tokens' logprobs
+    writing: torch.Tensor  # [R] the next forward also writes `completed` to the cache
+    completed: torch.Tensor  # [R, b] a completed block waiting to be written
+
+    @classmethod
+    def starting(cls, indices, prompts, block_size, mask_id, device):
+        """Rows for prompts[i], i in indices, at their first block: the prompt's tail, if any,
+        then masks."""
+        block = torch.full((len(indices), block_size), mask_id, dtype=torch.long)
+        for r, i in enumerate(indices):
+            tail = prompts[i][len(prompts[i]) // block_size * block_size :]
+            block[r, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+        block = block.to(device)
+        masked = block == mask_id
+        return cls(
+            prompt=torch.tensor(indices, dtype=torch.long, device=device),
+            block=block,
+            masked=masked,
+            new=masked.clone(),
+            to_commit=masked.sum(-1),
+            step=torch.zeros(len(indices), dtype=torch.long, device=device),
+            step_map=torch.full_like(block, -1),
+            logprobs=torch.zeros(block.shape, device=device),
+            writing=torch.zeros(len(indices), dtype=torch.bool, device=device),
+            completed=block.clone(),
+        )
+
+    def select(self, index):
+        return LiveRows(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    def extend(self, other):
+        return LiveRows(*(torch.cat([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)))
+
+
 @torch.no_grad()
-def generate(model, prompts, generators, cfg, stop_ids):
+def generate(model, prompts, generators, cfg, stop_ids, batch_size=0, progress=None):
     """Sample one response per prompt. prompts: lists of token ids; generators: one per prompt.
     Returns per prompt a dict: response_ids, step_map, logprobs, finish, forwards.
 
-    Every row moves through its own blocks, and every forward is a denoising step of every
-    live row. A row whose block is complete writes that clean block to the cache in the same
-    forward as the first step of its next block: its chunk is [clean block ; next block],
-    the other rows' is [current block ; padding] (the padding's keys land past the row's
-    length, where nothing reads them). So no row waits for the slowest one, and a row that
-    finishes leaves at once (without writing its last block)."""
-    b, mask_id, device = model.config.block_size, model.config.mask_token_id, model.device
-    pad_id = model.config.eos_token_id
-    n = len(prompts)
-    prompt_len = torch.tensor([len(p) for p in prompts], device=device)  # [N]
-    clean = prompt_len // b * b  # [N] each prompt's complete blocks, prefilled once
-    cache = RowCache(model, n, capacity=int(prompt_len.max()) + cfg.max_new_tokens + 3 * b)
-    layer_types = set(model.config.layer_types)
-
-    def forward(tokens, logits_to_keep=0):  # one chunk per row, at each row's own length
-        mask, cache.width = chunk_attention_mask(cache.lengths, tokens.shape[1], b)
-        positions = cache.lengths[:, None] + torch.arange(tokens.shape[1], device=device)[None]
-        out = model(
-            input_ids=tokens,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            attention_mask={t: mask for t in layer_types},
-            logits_to_keep=logits_to_keep,
+    At most batch_size rows (0 = all) are live; a row that finishes leaves at once, and the
+    waiting prompts join, prefilled together, once a quarter of the batch is free. Every
+    forward is a denoising step of every live row. A row whose block is complete writes that
+    clean block to the cache in the same forward as the first step of its next block: its
+    chunk is [clean block ; next block], the other rows' is their current block. So no row
+    waits for the slowest one. progress(k) is called when k rows finish."""
+    if model.config._attn_implementation != attention.BACKENDS["sdpa"]:
+        raise ValueError(
+            "rollout.generate packs its rows for attention.py's sdpa backend: load with attn='sdpa'"
         )
-        return out.logits
-
-    if int(clean.max()) > 0:  # prefill; a shorter prompt's padding columns are overwritten later
-        ids = torch.full((n, int(clean.max())), pad_id, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, : len(p) // b * b] = torch.tensor(p[: len(p) // b * b])
-        forward(ids.to(device), logits_to_keep=1)  # only the cache is wanted: no LM head over the prompts
-        cache.lengths = clean.clone()
-    block = torch.full((n, b), mask_id, dtype=torch.long)  # [R, b] each row's current block
-    for r, p in enumerate(prompts):  # the first block holds the prompt's tail, if any
-        block[r, : len(p) - len(p) // b * b] = torch.tensor(p[len(p) // b * b :], dtype=torch.long)
-    block = block.to(device)
-    masked = block == mask_id  # [R, b] positions still to commit
-    new = masked.clone()  # [R, b] the response's positions in the block
-    to_commit = masked.sum(-1)  # [R] for the static quota
-    step = torch.zeros(n, dtype=torch.long, device=device)  # [R] denoising steps taken in the block
-    step_map = torch.full_like(block, -1)
-    logprobs = torch.zeros(block.shape, device=device)
-    completed_block = block.clone()  # [R, b] a completed block waiting to be written (rows in `writing`)
-    writing = torch.zeros(n, dtype=torch.bool, device=device)  # [R] this forward also writes a clean block
-    rows = torch.arange(n, device=device)  # [R] the prompt of each live row
+    b, mask_id, device = model.config.block_size, model.config.mask_token_id, model.device
+    eos_id = model.config.eos_token_id
+    batch_size = batch_size or len(prompts)
+    prompt_len = torch.tensor([len(p) for p in prompts], device=device)  # [N]
+    capacity = int(prompt_len.max()) + cfg.max_new_tokens + 3 * b
+    cache = RowCache(model, min(batch_size, len(prompts)), capacity)
+    live = LiveRows.starting([], prompts, b, mask_id, device)
+    waiting = list(range(len(prompts)))  # prompts not started yet, in order
     results = [dict(response_ids=[], step_map=[], logprobs=[], finish="length", forwards=0) for _ in prompts]
-    while len(rows):
-        # one chunk per row: [clean block ; current block] if it writes, else [current block (; padding)]
-        if writing.any():
-            padding = torch.full_like(block, pad_id)
-            chunk = torch.where(
-                writing[:, None], torch.cat([completed_block, block], 1), torch.cat([block, padding], 1)
-            )
-        else:
-            chunk = block
-        logits = forward(chunk)  # [R, W, V]
-        offset = writing.long() * b  # [R] where the current block starts in the chunk
-        if chunk.shape[1] > b:
-            logits = logits.gather(
-                1,
-                (offset[:, None] + torch.arange(b, device=device))[..., None].expand(
-                    -1, -1, logits.shape[-1]
-                ),
-            )
-        cache.lengths += offset  # the written clean blocks are kept
+    while waiting or cache.live:
+        # waiting prompts take the free rows: prefilled together, so only when enough are free
+        free = batch_size - cache.live
+        if waiting and free >= min(len(waiting), max(1, batch_size // 4)):
+            joining, waiting = waiting[:free], waiting[free:]
+            cache.admit(model, [prompts[i] for i in joining])
+            live = live.extend(LiveRows.starting(joining, prompts, b, mask_id, device))
+
+        # one chunk per row, packed: [clean block ; current block] if it writes, else [current block]
+        widths = b + live.writing.long() * b  # [R]
+        rows, slots = packing(widths)  # [T]
+        chunks = torch.cat([live.completed, live.block], 1)  # [R, 2b]
+        logits = cache.forward(model, chunks[rows, slots + 2 * b - widths[rows]], rows, slots)  # [T, V]
+        current = slots >= widths[rows] - b  # [T] the tokens of each row's current block, in order
+        logits = logits[current].view(len(widths), b, -1)  # [R, b, V]
+        cache.lengths += widths - b  # the written clean blocks are kept
 
         # every row draws a token at every position of its block and commits some of them
-        uniforms = torch.stack(
-            [torch.rand(b, generator=generators[r]) for r in rows.tolist()]
-        )  # per sequence: no batch effects
+        sequences = live.prompt.tolist()  # the prompt (and generator) of each live row
+        uniforms = torch.stack([torch.rand(b, generator=generators[r]) for r in sequences])  # per sequence
         response_index = (
-            cache.lengths[:, None] + torch.arange(b, device=device)[None] - prompt_len[rows, None]
+            cache.lengths[:, None] + torch.arange(b, device=device) - prompt_len[live.prompt, None]
         )
-        banned = banned_tokens(cfg, logits.shape[-1], pad_id, stop_ids, response_index)
+        banned = banned_tokens(cfg, logits.shape[-1], eos_id, stop_ids, response_index)
         tokens, confidence, logp = sample_tokens(
             logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms.to(device), banned
         )
         quota = torch.tensor(
-            [static_quota(m, cfg.denoising_steps, s) for m, s in zip(to_commit.tolist(), step.tolist())],
+            [
+                static_quota(m, cfg.denoising_steps, s)
+                for m, s in zip(live.to_commit.tolist(), live.step.tolist())
+            ],
             device=device,
         )
-        commit = choose_commits(confidence, masked, cfg.strategy, cfg.threshold, quota)
-        block = torch.where(commit, tokens, block)
-        step_map = torch.where(commit, step[:, None], step_map)
-        logprobs = torch.where(commit, logp, logprobs)
-        masked &= ~commit
-        step += 1
-        for r in rows.tolist():
+        commit = choose_commits(confidence, live.masked, cfg.strategy, cfg.threshold, quota)
+        live.block = torch.where(commit, tokens, live.block)
+        live.step_map = torch.where(commit, live.step[:, None], live.step_map)
+        live.logprobs = torch.where(commit, logp, live.logprobs)
+        live.masked &= ~commit
+        live.step += 1
+        for r in sequences:
             results[r]["forwards"] += 1
 
         # rows that completed their block record it; they stop, or write it in the next forward
-        completed = ~masked.any(-1)
-        writing = completed.clone()
-        for j in completed.nonzero().flatten().tolist():
-            result = results[rows[j]]
-            committed = block[j][new[j]].tolist()
+        done = ~live.masked.any(-1)  # [R] the block is complete
+        live.writing = done.clone()
+        for j in done.nonzero().flatten().tolist():
+            result, new = results[sequences[j]], live.new[j]
+            committed = live.block[j][new].tolist()
             result["response_ids"] += committed
-            result["step_map"] += step_map[j][new[j]].tolist()
-            result["logprobs"] += logprobs[j][new[j]].tolist()
+            result["step_map"] += live.step_map[j][new].tolist()
+            result["logprobs"] += live.logprobs[j][new].tolist()
             stopped = any(t in stop_ids for t in committed)
             if stopped or len(result["response_ids"]) >= cfg.max_new_tokens:
                 result["finish"] = "stop" if stopped else "length"
-                writing[j] = False
-        completed_block = torch.where(writing[:, None], block, completed_block)
-        block[writing], masked[writing], new[writing] = mask_id, True, True  # the next block, all masked
-        to_commit[writing], step[writing], step_map[writing], logprobs[writing] = b, 0, -1, 0.0
-        live = ~completed | writing
-        if not live.all():  # finished rows leave the batch
-            order = compaction_order(live.tolist())
+                live.writing[j] = False
+        live.completed = torch.where(live.writing[:, None], live.block, live.completed)
+        w = live.writing  # the rows that go on start their next block, all masked
+        live.block[w], live.masked[w], live.new[w], live.to_commit[w] = mask_id, True, True, b
+        live.step[w], live.step_map[w], live.logprobs[w] = 0, -1, 0.0
+        staying = ~done | live.writing
+        if not staying.all():  # finished rows leave the batch
+            order = compaction_order(staying.tolist())
             cache.keep(order)
-            keep = torch.tensor(order, dtype=torch.long, device=device)
-            rows, block, masked, new, to_commit, step, step_map, logprobs, writing, completed_block = (
-                t[keep]
-                for t in (
-                    rows,
-                    block,
-                    masked,
-                    new,
-                    to_commit,
-                    step,
-                    step_map,
-                    logprobs,
-                    writing,
-                    completed_block,
-                )
-            )
+            live = live.select(torch.tensor(order, dtype=torch.long, device=device))
+            if progress:
+                progress(len(staying) - len(order))
     return results
 
 
@@ -843,33 +893,30 @@ def main(cfg):
                 texts[i] = attention.render_prompt(prompts[i]["question"], instruction)
                 prompt_ids[i] = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
         bar.total += len(jobs)
+        seeds = [sequence_seed(cfg.seed, step, i, j) for i, j in jobs]
+        if cfg.engine == "lmdeploy":
+            results = lmdeploy_results(
+                policy,
+                [texts[i] for i, _ in jobs],
+                [prompt_ids[i] for i, _ in jobs],
+                seeds,
+                cfg,
+                model.config.block_size,
+                tokenizer.eos_token_id,
+            )
+            bar.update(len(jobs))
+        else:
+            generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+            ids = [prompt_ids[i] for i, _ in jobs]
+            results = generate(model, ids, generators, cfg, stop_ids, cfg.batch_size, progress=bar.update)
         records = []
-        batch_size = len(jobs) if cfg.engine == "lmdeploy" else cfg.batch_size
-        for batch in [jobs[first : first + batch_size] for first in range(0, len(jobs), max(1, batch_size))]:
-            seeds = [sequence_seed(cfg.seed, step, i, j) for i, j in batch]
-            if cfg.engine == "lmdeploy":
-                results = lmdeploy_results(
-                    policy,
-                    [texts[i] for i, _ in batch],
-                    [prompt_ids[i] for i, _ in batch],
-                    seeds,
-                    cfg,
-                    model.config.block_size,
-                    tokenizer.eos_token_id,
-                )
-            else:
-                generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-                results = generate(model, [prompt_ids[i] for i, _ in batch], generators, cfg, stop_ids)
-            for (i, _), result in zip(batch, results):
-                response = result["response_ids"]
-                text = tokenizer.decode(response[: stop_index(response, stop_ids)])
-                reward = grader.grade(
-                    text, prompts[i]["ground_truth_answer"], answer_format=cfg.answer_format
-                )
-                records.append(make_record(step, i, prompts[i], prompt_ids[i], result, text, reward, sampler))
-                new_tokens += len(response)
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{new_tokens / (time.time() - t0):.0f}")
+        for (i, _), result in zip(jobs, results):
+            response = result["response_ids"]
+            text = tokenizer.decode(response[: stop_index(response, stop_ids)])
+            reward = grader.grade(text, prompts[i]["ground_truth_answer"], answer_format=cfg.answer_format)
+            records.append(make_record(step, i, prompts[i], prompt_ids[i], result, text, reward, sampler))
+            new_tokens += len(response)
+        bar.set_postfix(tok_s=f"{new_tokens / (time.time() - t0):.0f}")
         return records
 
     def sample_round(round_prompts):  # every process samples a share; all of them see every record

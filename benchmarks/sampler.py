@@ -116,12 +116,10 @@ def policy_speed(args, questions):
         tokenizer(attention.render_prompt(q, model.config.instruction), add_special_tokens=False)["input_ids"]
         for q in questions[: args.prompts]
     ]
-    calls = []  # rows of every denoising forward (one or two blocks per row; the prefill is left out)
+    calls = []  # live rows of every denoising forward (the prefills, logits_to_keep=1, are left out)
     model.register_forward_hook(
         lambda m, a, kw, out: (
-            calls.append(kw["input_ids"].shape[0])
-            if kw["input_ids"].shape[1] <= 2 * b and kw.get("logits_to_keep") != 1
-            else None
+            calls.append(int(kw["packed_rows"][0].max()) + 1) if kw.get("logits_to_keep") != 1 else None
         ),
         with_kwargs=True,
     )

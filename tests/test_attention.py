@@ -129,7 +129,7 @@ def test_backends_agree_through_the_model(tiny):
         for backend in ["sdpa", "eager", "flex"]:
             model.set_attn_implementation(attention.BACKENDS[backend])
             logits[backend] = attention.forward_layout(model, ids, layout)
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(attention.BACKENDS["sdpa"])
     real = layout.doc >= 0  # padding positions carry no meaning
     torch.testing.assert_close(logits["eager"][real], logits["sdpa"][real], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits["flex"][real], logits["sdpa"][real], atol=1e-5, rtol=1e-5)
@@ -155,7 +155,7 @@ def test_flex_and_dense_give_the_same_loss_and_gradients_on_cuda(dtype, tol):
         loss = torch.log_softmax(logits.float(), -1)[real].logsumexp(-1).mean()
         loss.backward()
         results[backend] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(attention.BACKENDS["sdpa"])
     assert results["flex"][0] == pytest.approx(results["sdpa"][0], rel=tol)
     torch.testing.assert_close(results["flex"][1], results["sdpa"][1], atol=tol, rtol=tol)
 
@@ -192,7 +192,7 @@ def block_causal_logits(model, ids, block_size):
     out = model(
         input_ids=ids, attention_mask={"full_attention": additive}, position_ids=torch.arange(n)[None]
     ).logits
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(attention.BACKENDS["sdpa"])
     return out
 
 
@@ -300,6 +300,47 @@ def test_sdar_dir_with_conflicting_mask_id_is_refused(tiny, tmp_path):
 def test_missing_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         attention.load_model(tmp_path / "nothing")
+
+
+def test_dirl_sdpa_equals_transformers_sdpa_to_the_bit(tiny):
+    """Our SDPA function reads the grouped key/value heads in place instead of copying them per
+    query head: the same numbers, with our mask, with transformers' own causal and padding
+    masks, and with the queries of several rows packed into one sequence (rollout's RowCache)."""
+    model, _ = tiny
+    layout = attention.make_layout([[(12, 2, 4), (5, 1, 0)], [(16, 2, 8)]], block_size=4)
+    ids = torch.randint(
+        4, model.config.vocab_size, layout.doc.shape, generator=torch.Generator().manual_seed(0)
+    )
+    padding = torch.ones(2, 9, dtype=torch.long)
+    padding[0, :3] = 0  # a left-padded row
+    out = {}
+    with torch.no_grad():
+        for name in ["sdpa", attention.BACKENDS["sdpa"]]:
+            model.set_attn_implementation(name)
+            out[name] = (
+                attention.forward_layout(model, ids, layout),
+                model(ids[:, :9]).logits,
+                model(ids[:, :9], attention_mask=padding).logits[:, 3:],
+            )
+    model.set_attn_implementation(attention.BACKENDS["sdpa"])
+    for ours, theirs in zip(out[attention.BACKENDS["sdpa"]], out["sdpa"]):
+        assert torch.equal(ours, theirs)
+    assert not torch.equal(out["sdpa"][1][0, 3:], out["sdpa"][2][0])  # the padding mask mattered
+
+    # packed: row r's query slots [0, widths[r]) against its own keys, one sequence for all rows
+    torch.manual_seed(0)
+    query, key, value = torch.randn(3, 4, 8, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)
+    mask = torch.rand(3, 1, 8, 11) > 0.3
+    mask[..., 0] = True
+    module = model.model.layers[0].self_attn
+    dense, _ = attention._sdpa_attention_forward(module, query, key, value, mask)  # [R, W, H, D]
+    widths = [8, 4, 6]
+    rows = torch.repeat_interleave(torch.arange(3), torch.tensor(widths))
+    slots = torch.cat([torch.arange(w) for w in widths])
+    packed, _ = attention._sdpa_attention_forward(
+        module, query[rows, :, slots].transpose(0, 1)[None], key, value, mask, packed_rows=(rows, slots, 8)
+    )
+    assert torch.equal(packed[0], dense[rows, slots])
 
 
 def test_save_load_roundtrip_gives_identical_logits(tiny, tmp_path):

@@ -200,7 +200,7 @@ def toy_model():
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(8.0 if p.dim() > 1 else 1.0)  # a sharply context-dependent toy
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(attention.BACKENDS["sdpa"])
     return model
 
 

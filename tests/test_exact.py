@@ -42,7 +42,7 @@ def toy_model(dtype=torch.float64, seed=3):
         for p in model.parameters():
             p.mul_(4.0 if p.dim() > 1 else 1.0)  # context-dependent
         model.lm_head.weight.mul_(5.0)  # and confident enough that steps commit one, two or three tokens
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(attention.BACKENDS["sdpa"])
     for module in model.modules():  # transformers' RMSNorm rounds to float32 even for float64 input, which
         if type(module).__name__.endswith("RMSNorm"):  # would cap any gradient comparison near 1e-8
             module.forward = types.MethodType(rms_norm_in_input_dtype, module)

@@ -159,33 +159,69 @@ def test_batch_of_one_equals_batch_of_64(stopping_model):
 def test_every_forward_row_has_work(stopping_model):
     """Rows advance independently: every forward is a denoising step of every live row; a row
     whose block is complete writes it in the same forward as the first step of its next block
-    (a chunk of two blocks), and a row that stops leaves at once. So the rows over all forwards
-    are the prefill plus, per row and block, its denoising steps."""
+    (a chunk of two blocks), and a row that stops leaves at once. The chunks are packed, so
+    the tokens over all forwards are the prefill's plus, per row, a block per denoising step
+    and a block per written block (every block but the last): no padding."""
     model, tokenizer = stopping_model
     cfg, stop_ids = sampler_cfg(max_new_tokens=40), {tokenizer.eos_token_id}
     prompts = prompts_of(PROMPT_LENGTHS)
-    shapes = []
+    calls = []  # (tokens, rows, chunk widths) per forward
     hook = model.register_forward_hook(
-        lambda m, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+        lambda m, args, kwargs, out: calls.append(
+            (kwargs["input_ids"].shape[1], *torch.unique(kwargs["packed_rows"][0], return_counts=True))
+        ),
+        with_kwargs=True,
     )
     try:
         results = rollout.generate(model, prompts, generators(len(prompts)), cfg, stop_ids)
     finally:
         hook.remove()
     b = model.config.block_size
-    expected = len(prompts)  # the prefill (some prompt has a complete block)
+    steps = blocks = 0
     for p, r in zip(prompts, results):
         first = -len(p) % b or b  # response tokens in the first block
         sizes = [first] + [b] * -(-(len(r["response_ids"]) - first) // b)
         cuts = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
-        steps = [max(r["step_map"][cuts[k] : cuts[k + 1]]) + 1 for k in range(len(sizes))]
-        assert sum(steps) == r["forwards"]
-        expected += sum(steps)
-    rows = [rows for rows, _ in shapes]
-    assert sum(rows) == expected
-    assert {width for _, width in shapes[1:]} == {b, 2 * b}  # blocks written inside denoising forwards
+        row_steps = sum(max(r["step_map"][cuts[k] : cuts[k + 1]]) + 1 for k in range(len(sizes)))
+        assert row_steps == r["forwards"]
+        steps, blocks = steps + row_steps, blocks + len(sizes)
+    prefill = sum(len(p) // b * b for p in prompts)
+    assert calls[0][0] == prefill and sum(tokens for tokens, _, _ in calls[1:]) == b * (
+        steps + blocks - len(prompts)
+    )
+    assert sum(len(rows) for _, rows, _ in calls[1:]) == steps  # each live row once per forward
+    assert {w for _, _, widths in calls[1:] for w in widths.tolist()} == {b, 2 * b}
     assert any(r["finish"] == "stop" and len(r["response_ids"]) < 20 for r in results)
-    assert max(rows[1:]) == len(prompts) and rows[-1] < len(prompts)  # rows leave as they finish
+    live = [len(rows) for _, rows, _ in calls[1:]]
+    assert max(live) == len(prompts) and live[-1] < len(prompts)  # rows leave as they finish
+
+
+def test_rows_join_as_others_leave(stopping_model):
+    """With batch_size below the number of prompts, waiting prompts take the rows of finished
+    ones; the G samples of a prompt share its prefill. Every record is the one the whole
+    batch at once gives."""
+    model, tokenizer = stopping_model
+    cfg, stop_ids = sampler_cfg(max_new_tokens=12), {tokenizer.eos_token_id}
+    prompts = mixed_prompts(12, seed=3)
+    prompts = [p for p in prompts for _ in range(2)] + prompts[:3]  # repeated prompts, as a group's samples
+    at_once = rollout.generate(model, prompts, generators(len(prompts)), cfg, stop_ids)
+    live, finished = [], []  # (is a prefill, rows) per forward; rows finished per call
+    hook = model.register_forward_hook(
+        lambda m, args, kwargs, out: live.append(
+            (kwargs["logits_to_keep"] == 1, kwargs["packed_rows"][0].unique().numel())
+        ),
+        with_kwargs=True,
+    )
+    try:
+        joined = rollout.generate(
+            model, prompts, generators(len(prompts)), cfg, stop_ids, batch_size=8, progress=finished.append
+        )
+    finally:
+        hook.remove()
+    assert_same_records(joined, at_once)
+    assert max(rows for prefill, rows in live if not prefill) == 8
+    assert sum(prefill for prefill, _ in live) > 2  # prompts joined in several groups
+    assert sum(finished) == len(prompts)
 
 
 def test_evaluation_switches_ban_eos_and_early_stops(stopping_model):

@@ -264,17 +264,18 @@ class RowCache(Cache):
 
     def admit(self, model, prompts):
         """New rows join after the live ones, with each prompt's complete blocks prefilled.
-        Equal prompts (the G samples of one prompt) are run once and copied."""
+        Equal complete blocks (the G samples of one prompt) are run once and copied."""
         b, device = model.config.block_size, self.lengths.device
-        clean = torch.tensor([len(p) // b * b for p in prompts], device=device)  # [N] complete blocks
+        complete = [tuple(p[: len(p) // b * b]) for p in prompts]  # what the prefill runs
+        clean = torch.tensor([len(c) for c in complete], device=device)  # [N]
         first, count = self.live, len(prompts)
         if int(clean.max()) > 0:
-            distinct = {}  # prompt -> its row in the prefill
-            source = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+            distinct = {}  # complete blocks -> their row in the prefill
+            source = [distinct.setdefault(c, len(distinct)) for c in complete]
             prefill = RowCache(model, len(distinct), capacity=int(clean.max()))
             prefill.live, prefill.lengths = len(distinct), torch.zeros_like(clean[: len(distinct)])
-            ids = torch.tensor([t for p in distinct for t in p[: len(p) // b * b]], device=device)  # [T]
-            rows, slots = packing(torch.tensor([len(p) // b * b for p in distinct], device=device))
+            ids = torch.tensor([t for c in distinct for t in c], device=device)  # [T]
+            rows, slots = packing(torch.tensor([len(c) for c in distinct], device=device))
             prefill.forward(model, ids, rows, slots, logits_to_keep=1)  # only the cache is wanted
             index = torch.tensor(source, device=device)
             for mine, theirs in zip(self.keys + self.values, prefill.keys + prefill.values):
@@ -390,9 +391,9 @@ def generate(model, prompts, generators, cfg, stop_ids, batch_size=0, progress=N
         widths = b + live.writing.long() * b  # [R]
         rows, slots = packing(widths)  # [T]
         chunks = torch.cat([live.completed, live.block], 1)  # [R, 2b]
-        logits = cache.forward(model, chunks[rows, slots + 2 * b - widths[rows]], rows, slots)  # [T, V]
-        current = slots >= widths[rows] - b  # [T] the tokens of each row's current block, in order
-        logits = logits[current].view(len(widths), b, -1)  # [R, b, V]
+        columns = slots + 2 * b - widths[rows]  # [T] each packed token's column in `chunks`
+        logits = cache.forward(model, chunks[rows, columns], rows, slots)  # [T, V]
+        logits = logits[columns >= b].view(len(widths), b, -1)  # [R, b, V] each row's current block
         cache.lengths += widths - b  # the written clean blocks are kept
 
         # every row draws a token at every position of its block and commits some of them

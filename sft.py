@@ -336,12 +336,7 @@ def prepare_training(model, cfg, trainer_state, total_steps, world, dtype, devic
     return optimizer, scheduler, trainer_state["step"]
 
 
-@common.releases_run_lock
-def main(cfg):
-    rank, world, device = common.init_distributed(cfg.device, cfg.threads)
-    dtype = common.DTYPES[cfg.dtype]
-    run = Path(cfg.run)
-    save_dir = run / "sft"
+def check_flags(cfg, world):
     if cfg.overlong not in ("skip", "truncate"):
         raise ValueError(f"--overlong must be 'skip' or 'truncate', not {cfg.overlong!r}")
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -349,6 +344,36 @@ def main(cfg):
             f"--batch-size {cfg.batch_size} must divide into {world} processes x "
             f"{cfg.grad_accum} micro-batches"
         )
+
+
+def train_step(model, optimizer, scheduler, batch, cfg, device, dtype, where):
+    """One optimizer step on this process's share of a batch, [(position in the seeded stream,
+    doc)], in --grad-accum micro-batches. Returns this process's [loss, hits, masked tokens,
+    row tokens], the gradient norm and the lr it used; `where` names the step in errors."""
+    per_micro = len(batch) // cfg.grad_accum
+    stats = torch.zeros(4)
+    for m in range(cfg.grad_accum):
+        part = batch[m * per_micro : (m + 1) * per_micro]
+        loss, hits, masked, tokens = run_micro_batch(
+            model, [doc for _, doc in part], [i for i, _ in part], cfg, cfg.batch_size, device, dtype
+        )
+        loss.backward()
+        stats += torch.tensor([loss.item(), hits, masked, tokens])
+    grad_norm = common.clip_gradients(model, cfg.grad_clip, where)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats, grad_norm, lr
+
+
+@common.releases_run_lock
+def main(cfg):
+    rank, world, device = common.init_distributed(cfg.device, cfg.threads)
+    dtype = common.DTYPES[cfg.dtype]
+    run = Path(cfg.run)
+    save_dir = run / "sft"
+    check_flags(cfg, world)
     if rank == 0:
         common.lock_run(run, "sft")
     trainer_state = read_trainer_state(cfg, run, save_dir)
@@ -390,20 +415,9 @@ def main(cfg):
     t0, tokens_since = time.time(), 0
     for step in bar:
         mine = common.data_stream(step, cfg.batch_size, len(train), cfg.seed)[rank::world]
-        per_micro = len(mine) // cfg.grad_accum
-        stats = torch.zeros(4)  # loss, hits, masked tokens, row tokens
-        for m in range(cfg.grad_accum):
-            part = mine[m * per_micro : (m + 1) * per_micro]
-            loss, hits, masked, tokens = run_micro_batch(
-                model, [train[d] for _, d in part], [i for i, _ in part], cfg, cfg.batch_size, device, dtype
-            )
-            loss.backward()
-            stats += torch.tensor([loss.item(), hits, masked, tokens])
-        grad_norm = common.clip_gradients(model, cfg.grad_clip, f"step {step} (saved up to step {start})")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        batch = [(i, train[d]) for i, d in mine]  # (position in the stream: seeds the noise, doc)
+        where = f"step {step} (saved up to step {start})"
+        stats, grad_norm, lr = train_step(model, optimizer, scheduler, batch, cfg, device, dtype, where)
         if world > 1:
             torch.distributed.all_reduce(stats)
         tokens_since += stats[3].item()

@@ -162,8 +162,9 @@ def sample_tokens(logits, temperature, top_k, top_p, uniforms, banned=None):
 
 def static_quota(num_masked, steps, step):
     """Tokens low_confidence_static commits at `step` when a block starts with `num_masked`
-    masked positions: an even split over `steps`, the remainder on the first steps."""
-    return num_masked // steps + (1 if step < num_masked % steps else 0)
+    masked positions: an even split over `steps`, the remainder on the first steps. Ints, or
+    tensors of one quota per row."""
+    return num_masked // steps + (step < num_masked % steps) * 1
 
 
 def choose_commits(confidence, masked, strategy, threshold=0.9, quota=None):
@@ -406,13 +407,7 @@ def generate(model, prompts, generators, cfg, stop_ids, batch_size=0, progress=N
         tokens, confidence, logp = sample_tokens(
             logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms.to(device), banned
         )
-        quota = torch.tensor(
-            [
-                static_quota(m, cfg.denoising_steps, s)
-                for m, s in zip(live.to_commit.tolist(), live.step.tolist())
-            ],
-            device=device,
-        )
+        quota = static_quota(live.to_commit, cfg.denoising_steps, live.step)  # [R]
         commit = choose_commits(confidence, live.masked, cfg.strategy, cfg.threshold, quota)
         live.block = torch.where(commit, tokens, live.block)
         live.step_map = torch.where(commit, live.step[:, None], live.step_map)

@@ -1,4 +1,4 @@
-"""attention.py - the block-diffusion attention rule, and loading/saving models.
+"""attention.py - the block-diffusion attention rule, and the packed rows it runs over.
 
 Every stage imports this file; it is the one place where the attention rule of a
 blockwise diffusion LM (SDAR) is written down.
@@ -14,62 +14,30 @@ documents can be packed into one row: tokens of different documents never meet.
 A noisy copy may start at any block boundary (`noisy_from`): blocks made only of
 prompt tokens are never masked, so they need no noisy copy.
 
-Backends, chosen per model (`--attn`): "flex" (FlexAttention with a cached
-BlockMask; the default on CUDA), "sdpa" (a dense boolean [B, 1, N, N] mask built
-from the same `mask_mod`; the default elsewhere, since FlexAttention has no CPU
-backward) and "eager" (an additive float mask; for checking). The mask reaches
-transformers' attention function untouched because we pass it as a dict keyed by
-layer type, which Qwen3Model forwards as-is. Both masks run through functions registered
-with transformers' AttentionInterface: "dirl_flex" (FlexAttention) and "dirl_sdpa" (torch's
-SDPA told that the model uses grouped key/value heads, so they are not copied per head).
-
-Models: `load_model("tiny")` builds the small Qwen3 + character tokenizer used on
-CPU; `load_model(dir)` opens a checkpoint this project wrote or an SDAR
-checkpoint (model_type "sdar", Qwen3 weights) as a plain Qwen3ForCausalLM,
-without trust_remote_code. The block size and the mask token id live in the
-model's config.json (`block_size`, `mask_token_id`) and nowhere else.
+Backends, chosen per model (`--attn`): "flex" (FlexAttention with a cached BlockMask; the
+default on CUDA), "sdpa" (a dense boolean [B, 1, N, N] mask from the same `mask_mod`; the
+default elsewhere, since FlexAttention has no CPU backward) and "eager" (an additive float
+mask; for checking). The mask reaches our attention functions (registered with transformers'
+AttentionInterface as "dirl_flex" and "dirl_sdpa") untouched, as a dict keyed by layer type.
 
 Usage:  python attention.py --model PATH_OR_tiny [--save DIR]
-        (prints what was loaded; --save writes it as a checkpoint of this project)
+        (prints what was loaded; --save writes it as a checkpoint of this project: support/model.py)
 
 How this differs from the paper's code: the mask is built once per layout and
 cached instead of on every forward; packed documents and noisy copies that skip
 prompt-only blocks are part of the rule; one block size, read from the checkpoint.
 """
 
-import dataclasses
 import functools
 import hashlib
-import json
-import os
-import shutil
-import sys
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import transformers
-from safetensors import safe_open
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-from transformers import (
-    AttentionInterface,
-    AutoTokenizer,
-    PreTrainedTokenizerFast,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from common import flag, parse_config
-
-EOS_TOKEN = "<|endoftext|>"  # also the padding token, as in SDAR
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-MASK_TOKEN_NAMES = ("<|MASK|>", "<MASK>")  # SDAR's name; one file of its release uses the second
-SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END, MASK_TOKEN_NAMES[0]]
-DEFAULT_BLOCK_SIZE = 4
-DIRL_INSTRUCTION = "Please reason step by step, and put your final answer within $\\boxed{}$."
-TINY_INSTRUCTION = ""  # every character is a token for the tiny tokenizer, and the task always boxes
 BACKENDS = {"sdpa": "dirl_sdpa", "eager": "eager", "flex": "dirl_flex"}  # our name -> transformers' name
 
 
@@ -190,17 +158,14 @@ def _sdpa_attention_forward(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_rows=None, **kwargs
 ):
     """transformers attention function for "dirl_sdpa": torch's SDPA with the boolean mask and
-    enable_gqa, so that every query head reads its key/value head in place. (transformers'
-    own "sdpa" copies each key/value head once per query head whenever a mask is given: a
-    third of a sampling forward on the tiny model. The outputs are the same to the bit.)
-    Called without a mask of ours, transformers builds its causal one with `sdpa_mask`, or
-    passes None where plain causal attention is meant.
+    enable_gqa, so that every query head reads its key/value head in place (transformers' own
+    "sdpa" copies them whenever a mask is given; the outputs are the same to the bit). Without
+    a mask of ours, transformers builds its causal one with `sdpa_mask`, or passes None.
 
-    packed_rows = (rows, slots, width), three things rollout.RowCache passes: the query is
-    then [1, H, T, D], chunks of several rows packed into one sequence so that the linear
-    layers see no padding; token t is query `slots[t]` of row `rows[t]`. The queries are
-    unpacked to [R, H, width, D] to meet the keys of their rows [R, Hkv, K, D], and packed
-    back."""
+    packed_rows = (rows, slots, width), from the sampler's RowCache: the query is then
+    [1, H, T, D], chunks of several rows packed into one sequence; token t is query `slots[t]`
+    of row `rows[t]`. The queries are unpacked to [R, H, width, D] to meet the keys of their
+    rows [R, Hkv, K, D], and packed back."""
     if packed_rows is not None:
         rows, slots, width = packed_rows
         unpacked = query.new_zeros(key.shape[0], query.shape[1], width, query.shape[3])
@@ -224,7 +189,6 @@ def _sdpa_attention_forward(
 AttentionInterface.register(BACKENDS["flex"], _flex_attention_forward)
 AttentionInterface.register(BACKENDS["sdpa"], _sdpa_attention_forward)
 AttentionMaskInterface.register(BACKENDS["sdpa"], sdpa_mask)
-transformers.utils.logging.disable_progress_bar()  # a bar per load or save would bury the stages' own bars
 
 
 def backend_of(model):
@@ -241,13 +205,9 @@ def forward_layout(model, input_ids, layout, at=None):
     mask = attention_mask_for(layout, backend_of(model), device, model.dtype)
     out = model(
         input_ids=input_ids,
-        attention_mask={
-            layer_type: mask for layer_type in set(model.config.layer_types)
-        },  # passed on untouched
+        attention_mask={layer_type: mask for layer_type in set(model.config.layer_types)},  # passed on as is
         position_ids=layout.pos.to(device),
-        logits_to_keep=0
-        if at is None
-        else 1,  # with `at`, the model's own LM head runs on one position per row
+        logits_to_keep=0 if at is None else 1,  # with `at`, the model's own head runs on one position per row
         output_hidden_states=at is not None,
         use_cache=False,
     )
@@ -256,7 +216,7 @@ def forward_layout(model, input_ids, layout, at=None):
     rows, cols = at
     return model.lm_head(
         out.hidden_states[-1][rows.to(device), cols.to(device)]
-    )  # hidden_states[-1]: after the final norm
+    )  # [-1]: after the final norm
 
 
 def sampling_logprobs(logits, temperature=1.0, top_k=0, top_p=1.0):
@@ -365,205 +325,39 @@ def replay_positions(record, noisy_from, rounds, first, block_size, all_masked=F
     return out
 
 
-# ----------------------------------------------------------------------------- the text format
+def replay_batch(records, mask_id, block_size, pad_id, row_len, rounds=None, all_masked=False):
+    """The one builder of replay batches (dipo.py trains on them, the LMDeploy check re-scores
+    with them): rollout records packed into rows of [clean ; one noisy copy per round]. Returns
+    input_ids [B, N], the Layout, and per scored position (a dict of [N] tensors): row, col,
+    token, record (index in `records`), index (in the response), committed (in that round) and
+    sampler_step (a number per (record, round, block): the positions of one sampler step)."""
+    replays = [
+        replay_copies(r["prompt_ids"], r["response_ids"], r["step_map"], mask_id, block_size, rounds)
+        for r in records
+    ]
+    documents = [
+        (list(r["prompt_ids"]) + list(r["response_ids"]), noisy_from, copies)
+        for r, (noisy_from, _, copies) in zip(records, replays)
+    ]
+    input_ids, layout, rows, first = pack_copies(documents, block_size, pad_id, row_len)
+    where, sampler_steps = defaultdict(list), {}
+    for row_index, row in enumerate(rows):
+        for i in row:
+            noisy_from, record_rounds, _ = replays[i]
+            for col, token, t, s, block in replay_positions(
+                records[i], noisy_from, record_rounds, first[i], block_size, all_masked
+            ):
+                where["row"].append(row_index)
+                where["col"].append(col)
+                where["token"].append(token)
+                where["record"].append(i)
+                where["index"].append(t)
+                where["committed"].append(records[i]["step_map"][t] == s)
+                where["sampler_step"].append(sampler_steps.setdefault((i, s, block), len(sampler_steps)))
+    return input_ids, layout, {k: torch.tensor(v) for k, v in where.items()}
 
 
-def render_chat(messages, add_generation_prompt=False):
-    """DiRL's one text format (ChatML without system prompt or think tags)."""
-    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+if __name__ == "__main__":  # python attention.py --model DIR [--save OUT]: support/model.py's command line
+    from support.model import main
 
-
-def render_prompt(question, instruction):
-    """A question as the user turn, the instruction sentence appended, ready for the answer."""
-    content = f"{question}\n{instruction}" if instruction else question
-    return render_chat([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
-CHAT_TEMPLATE = (  # the same format as render_chat, for tools that call apply_chat_template
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-# ----------------------------------------------------------------------------- models
-
-
-@dataclass
-class TinyConfig:
-    """The built-in model: Qwen3-shaped, about 1M parameters, sized for 2 CPU cores."""
-
-    hidden_size: int = 128
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 32
-    intermediate_size: int = 384
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-
-
-def build_char_tokenizer():
-    """Character-level tokenizer: the 4 special tokens, then every printable ASCII character and
-    newline. Any other character becomes <|endoftext|>; the built-in task uses none."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + chars)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=EOS_TOKEN))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(SPECIAL_TOKENS)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def build_tiny(seed=0, tiny=None):
-    tokenizer = build_char_tokenizer()
-    tiny = tiny or TinyConfig()
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        tie_word_embeddings=False,  # as SDAR
-        block_size=DEFAULT_BLOCK_SIZE,
-        instruction=TINY_INSTRUCTION,
-        mask_token_id=tokenizer.convert_tokens_to_ids(MASK_TOKEN_NAMES[0]),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **dataclasses.asdict(tiny),
-    )
-    with torch.random.fork_rng():  # the init must not disturb the caller's RNG stream
-        torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config)
-    return model, tokenizer
-
-
-def mask_token_id_of(tokenizer):
-    for name in MASK_TOKEN_NAMES:
-        token_id = tokenizer.convert_tokens_to_ids(name)
-        if token_id is not None and token_id != tokenizer.unk_token_id:
-            return token_id
-    return None
-
-
-def qwen3_config_from_sdar(raw):
-    """SDAR's config.json is Qwen3's plus custom-code keys; drop those and build a Qwen3Config."""
-    keep = {
-        k: v
-        for k, v in raw.items()
-        if k not in ("model_type", "architectures", "auto_map", "transformers_version")
-    }
-    return Qwen3Config(**keep)
-
-
-def load_model(name_or_dir, dtype=torch.float32, device="cpu", attn="auto", seed=0):
-    """Load (model, tokenizer) from "tiny", a checkpoint of this project, or an SDAR dir.
-    The model's config always carries `block_size`, `mask_token_id` and `instruction`
-    (the sentence appended to questions, DiRL's unless the checkpoint says otherwise) afterwards."""
-    if attn == "auto":
-        attn = "flex" if torch.device(device).type == "cuda" else "sdpa"
-    if attn not in BACKENDS:
-        raise ValueError(f"unknown attention backend {attn!r}; choose from {sorted(BACKENDS)} or 'auto'")
-    if name_or_dir == "tiny":
-        model, tokenizer = build_tiny(seed)
-    else:
-        path = Path(name_or_dir)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path}: not a model directory (no config.json); pass a checkpoint dir or 'tiny'"
-            )
-        raw = json.loads((path / "config.json").read_text())
-        if raw.get("model_type") == "sdar":
-            config = qwen3_config_from_sdar(raw)
-        elif raw.get("model_type") == "qwen3":
-            config = Qwen3Config.from_pretrained(path)
-        else:
-            raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is neither 'sdar' nor 'qwen3'")
-        if getattr(config, "use_sliding_window", False):
-            raise ValueError(f"{path}: sliding-window attention is not part of the block-diffusion rule")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        mask_id = mask_token_id_of(tokenizer)
-        if mask_id is None:
-            raise ValueError(
-                f"{path}: the tokenizer has no mask token (looked for {', '.join(MASK_TOKEN_NAMES)})"
-            )
-        if getattr(config, "mask_token_id", None) not in (None, mask_id):
-            raise ValueError(
-                f"{path}: config mask_token_id {config.mask_token_id} differs from the tokenizer's "
-                f"mask token id {mask_id}"
-            )
-        config.mask_token_id = mask_id
-        config.block_size = (
-            getattr(config, "block_size", None) or DEFAULT_BLOCK_SIZE
-        )  # some SDAR copies omit it
-        config.instruction = getattr(config, "instruction", DIRL_INSTRUCTION)
-        embedding = (config.vocab_size, config.hidden_size)
-        if (path / "model.safetensors").is_file():  # one file (ours): check its embedding's shape first
-            with safe_open(path / "model.safetensors", "pt") as weights:
-                if "model.embed_tokens.weight" in weights.keys():
-                    shape = tuple(weights.get_slice("model.embed_tokens.weight").get_shape())
-                    if shape != embedding:
-                        raise ValueError(
-                            f"{path}: config.json says embeddings {embedding}, the weights {shape}"
-                        )
-        try:
-            model = Qwen3ForCausalLM.from_pretrained(path, config=config, dtype=dtype)
-        except (OSError, RuntimeError, ValueError) as e:  # missing or mis-shaped weights
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{path}: the weights do not load with its config.json ({first})") from None
-    model.set_attn_implementation(BACKENDS[attn])
-    return model.to(device=device, dtype=dtype), tokenizer
-
-
-def save_checkpoint(model, tokenizer, out_dir, state_dict=None, trainer_state=None):
-    """Write an HF model dir (config.json, model.safetensors, tokenizer files) atomically:
-    into a temporary sibling first, then os.replace, so `out_dir` is always whole or absent.
-    state_dict: the full weights when the model is sharded; trainer_state: saved beside them
-    as trainer_state.pt, so weights and optimizer state can never come from different steps."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    attn = model.config._attn_implementation
-    model.config._attn_implementation = "sdpa"  # a plain from_pretrained must not need our registry
-    try:  # save_pretrained empties the dict it is given, hence the copy
-        model.save_pretrained(tmp, state_dict=dict(state_dict) if state_dict is not None else None)
-    finally:
-        model.config._attn_implementation = attn
-    tokenizer.save_pretrained(tmp)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-@dataclass
-class Config:
-    model: str = flag("tiny", "'tiny' or a model dir (a checkpoint of this project or an SDAR checkpoint)")
-    save: str = flag("", "if set, write the loaded model here as a checkpoint of this project")
-    attn: str = flag("auto", "attention backend: auto (flex on CUDA, else sdpa), flex, sdpa or eager")
-    seed: int = flag(0, "initialisation seed of the tiny model")
-
-
-def main(cfg):
-    model, tokenizer = load_model(cfg.model, attn=cfg.attn, seed=cfg.seed)
-    c = model.config
-    params = sum(p.numel() for p in model.parameters())
-    print(
-        f"{cfg.model}: Qwen3 {params / 1e6:.2f}M params, hidden {c.hidden_size}, "
-        f"{c.num_hidden_layers} layers, vocab {c.vocab_size}, block_size {c.block_size}, "
-        f"mask_token_id {c.mask_token_id}, attn {backend_of(model)}"
-    )
-    if cfg.save:
-        save_checkpoint(model, tokenizer, cfg.save)
-        print(f"saved to {cfg.save}")
-
-
-if __name__ == "__main__":
-    try:
-        main(parse_config(Config, description=__doc__))
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    main()

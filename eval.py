@@ -7,42 +7,16 @@ checker DiRL, TRL, open-r1 and lighteval use: `parse` extracts and turns LaTeX i
 `verify(gold, prediction)` decides equivalence (numbers, expressions, equations, sets,
 intervals, tuples, matrices). The gold is wrapped in $...$, as Math-Verify's README does.
 
-What we add around Math-Verify:
-  * A deadline and a memory cap. Every check runs in a forked child (one kept alive and
-    reused; a new one after a kill) with --timeout seconds (default 3: the slowest real
-    answer in tests/test_eval.py's tables takes well under 1 s) and CHILD_MEMORY bytes.
-    Math-Verify's own timeouts use signal.alarm, which works only in a main thread, so they
-    are off; ours work from any thread and from pool workers. A check that misses the
-    deadline, dies or runs out of memory counts as not equal.
-  * Cheap refusals before parsing (`too_costly`): an answer over MAX_ANSWER_CHARS, nested
-    deeper than MAX_NESTING brackets, a power whose exponent holds another power of a
-    number (10^{10^{10}}, 9^9^9), an integer exponent over MAX_EXPONENT, or a factorial of a
-    factorial. Such an answer is only compared as a string, so an exponent tower or a
-    brace flood costs microseconds, not the deadline.
-  * Only the text around the last box is parsed (from the line of the box, at most
-    MAX_TAIL_CHARS either side), so a 50 MB response costs one reverse search.
-  * A thin layer where Math-Verify is wrong on answers people write (`normalise`), each
-    rule a text substitution before parse, each with a test that fails without it:
-      \\varnothing      -> \\emptyset   (the lexer knows only \\emptyset as the empty set)
-      30°              -> 30^\\circ    (the unicode degree sign is not in the grammar)
-      1\\,000 / 1 000  -> 1000         (space thousands separators parse as a product)
-      \\text{12 cm}     -> 12 \\text{cm} (a number inside \\text is read as one symbol)
-      \\boxed{5.}       -> \\boxed{5}   (sentence punctuation inside the box)
-    and one setting: allow_set_relation_comp, so that `x < 3` equals the gold (-\\infty, 3).
-  * maj@k votes on the string form of the parsed prediction, so 1/2 and \\frac{1}{2} agree.
-  * Plain integers on both sides (the built-in arithmetic task) are compared in the parent
-    without a child: the same verdict, no fork.
-
-Model text never reaches Python `eval`. Math-Verify reaches sympy's parse_expr (which
-calls eval) on two paths, and neither admits a name, a quote or an attribute:
-  * ExprExtractionConfig (plain-text expressions): its regex `expr` admits only digits,
-    '.', whitespace and the characters + - * × / ^ ( ) ÷; numbers go to sympy.Number as
-    digit strings. We do not use this path: every text we parse is $...$-wrapped LaTeX.
-  * LatexExtractionConfig: latex2sympy builds sympy objects from an ANTLR parse tree; the
-    only strings it converts with sympify are the NUMBER, E_NOTATION and PERCENT_NUMBER
-    tokens, whose lexer rules admit only digits, '.', 'e'/'E', a sign, a space and '%'.
-tests/test_eval.py sends __import__ payloads through every extraction route and checks
-that no file appears.
+What we add around Math-Verify (docs/design.md, "The grader", says why each is there and
+how model text is kept away from Python's eval):
+  * a deadline, a memory cap and cheap refusals of costly answers (support/sandbox.py): every
+    check runs in a forked child, and a check that misses the deadline counts as not equal;
+  * only the text around the last box is parsed (parse_input);
+  * a thin layer where Math-Verify is wrong on answers people write (NORMALISE), each rule a
+    text substitution before parse with a test that fails without it, and one setting:
+    allow_set_relation_comp, so that `x < 3` equals the gold (-\\infty, 3);
+  * maj@k votes on the string form of the parsed prediction, so 1/2 and \\frac{1}{2} agree;
+  * plain integers on both sides (the built-in arithmetic task) are compared without a child.
 
 Reads  rollout JSONL files (the records rollout.py writes: prompt_id, question,
        ground_truth_answer, response_ids, step_map, text, reward, finish, sampler;
@@ -52,7 +26,7 @@ Writes a table per file and per data source on stdout (several files side by sid
 
 Usage:  python eval.py runs/demo/eval/sft.jsonl runs/demo/eval/final.jsonl [--json OUT] [--workers 2]
                 [--run RUN]
-        python eval.py --plot curve.png runs/seed0 runs/seed1     (the learning curves; needs matplotlib)
+        (the learning curves of runs: python benchmarks/curves.py OUT.png RUN...)
 
 How this differs from the paper: DiRL checks the last \\boxed{} with math-verify (30 s
 timeout, signal-based) or a sympy LaTeX comparison; we use Math-Verify behind our own
@@ -60,27 +34,40 @@ deadline (3 s), memory cap and refusals, with the thin layer above, and re-score
 rollouts when the grader changes.
 """
 
-import argparse
 import json
-import logging
 import math
 import multiprocessing
-import os
 import re
-import resource
 import sys
-import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+from support import rundir
+from support.data import forwards_of, read_records
+from support.flags import flag, run_stage
+from support.sandbox import MAX_ANSWER_CHARS, Sandbox, too_costly
+
 DEFAULT_TIMEOUT = 3.0  # seconds per check; real answers need well under 1 s
-MAX_ANSWER_CHARS = 1000  # longer answers are compared as strings only
 MAX_TAIL_CHARS = 500  # text around the last box that parse sees: the box's line, at most this either side
-MAX_NESTING = 8  # bracket depth (ANTLR slows down about 1.6x per level of bare braces)
-MAX_EXPONENT, MAX_FACTORIAL = 3000, 1000  # largest integer exponent and factorial argument parsed
-CHILD_MEMORY = 2 << 30  # bytes a check may add to the address space
+
+
+@dataclass
+class Config:
+    files: list = flag([], "rollout JSONL files (written by rollout.py)", positional=True)
+    json: str = flag("", "also write the numbers as JSON to this file ('' = off)")
+    run: str = flag(
+        "", 'also append the numbers to RUN/metrics.jsonl as {"stage": "eval"} lines (\'\' = off)'
+    )
+    workers: int = flag(1, "grading processes")
+    timeout: float = flag(DEFAULT_TIMEOUT, "seconds allowed per check")
+    answer_format: str = flag(
+        "boxed", "where the answer is: the last \\boxed{} or '#### x'", choices=("boxed", "gsm8k")
+    )
+    strict: bool = flag(False, "stop at the first bad line instead of skipping it")
+
 
 # ----------------------------------------------------------------------------- extraction
 
@@ -138,17 +125,20 @@ def parse_input(text, answer_format="boxed"):
     return text[start : box[1] + MAX_TAIL_CHARS], box[2]
 
 
-# ----------------------------------------------------------------------------- thin layer, refusals
+# ----------------------------------------------------------------------------- the thin layer
 
-NORMALISE = [
-    (re.compile(r"\\varnothing"), r"\\emptyset"),
-    (re.compile(r"°"), r"^\\circ"),
-    (re.compile(r"(?<=\d)(?:\\[,;: ]|~| )(?=\d{3}(?!\d))"), ""),
-    (
+NORMALISE = [  # (pattern, replacement): where Math-Verify is wrong on answers people write
+    (re.compile(r"\\varnothing"), r"\\emptyset"),  # the lexer knows only \emptyset as the empty set
+    (re.compile(r"°"), r"^\\circ"),  # the unicode degree sign is not in the grammar
+    (re.compile(r"(?<=\d)(?:\\[,;: ]|~| )(?=\d{3}(?!\d))"), ""),  # 1\,000 / 1 000: read as a product
+    (  # \text{12 cm} -> 12 \text{cm}: a number inside \text is read as one symbol
         re.compile(r"\\(?:text|textnormal|mbox|mathrm)\{\s*(-?\d+(?:\.\d+)?)\s+([a-zA-Z][a-zA-Z ]*)\}"),
         r"\1 \\text{\2}",
     ),
-    (re.compile(r"(\\boxed\s*\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*?)(?<!\.)[.,;]\s*\}"), r"\1}"),
+    (  # \boxed{5.} -> \boxed{5}: sentence punctuation inside the box
+        re.compile(r"(\\boxed\s*\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*?)(?<!\.)[.,;]\s*\}"),
+        r"\1}",
+    ),
 ]
 
 
@@ -158,32 +148,7 @@ def normalise(text):
     return text
 
 
-_TOWER = re.compile(r"(?:\d|\})\s*(?:\^|\*\*)\s*(?:\{[^{}]*(?:\^|\*\*)|\(?[\d.]+\)?\s*(?:\^|\*\*))")
-_FACTORIAL_OF_FACTORIAL = re.compile(r"!\s*[)}\]]*\s*!")
-
-
-def too_costly(answer):
-    """Why an answer is not worth parsing (compared as a string only), or None."""
-    if len(answer) > MAX_ANSWER_CHARS:
-        return "long"
-    depth = deepest = 0
-    for ch in answer:
-        depth += (ch in "{([") - (ch in "})]")
-        deepest = max(deepest, depth)
-    if deepest > MAX_NESTING:
-        return "nested"
-    if _TOWER.search(answer):
-        return "power tower"
-    if _FACTORIAL_OF_FACTORIAL.search(answer):
-        return "factorial of a factorial"
-    if any(len(n) > 6 or int(n) > MAX_EXPONENT for n in re.findall(r"(?:\^|\*\*)\s*\{?\s*(\d+)", answer)):
-        return "huge exponent"
-    if any(len(n) > 6 or int(n) > MAX_FACTORIAL for n in re.findall(r"(\d+)\s*!", answer)):
-        return "huge factorial"
-    return None
-
-
-# ----------------------------------------------------------------------------- the check, in a child
+# ----------------------------------------------------------------------------- the check
 
 
 def verify_in_child(gold_text, pred_text):
@@ -200,74 +165,7 @@ def verify_in_child(gold_text, pred_text):
     return bool(equal), str(pred[0])[:MAX_ANSWER_CHARS]
 
 
-def _serve(conn):
-    """The child's loop: one (gold, prediction) pair in, one (equal, key) out."""
-    in_use = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
-    resource.setrlimit(resource.RLIMIT_AS, (in_use + CHILD_MEMORY, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    while True:
-        try:
-            gold_text, pred_text = conn.recv()
-        except (EOFError, OSError):
-            os._exit(0)
-        try:
-            result = verify_in_child(gold_text, pred_text)
-        except BaseException:  # a parse failure, RecursionError, MemoryError: not equal
-            result = (False, None)
-        conn.send(result)
-
-
-class Checker:
-    """A forked child that serves checks, with a deadline per check. A child that misses the
-    deadline is killed, and one that dies without a verdict (a crash, the memory cap) is
-    replaced and the check tried once more; both count as not equal in the end. A process
-    forked from ours (a pool worker) starts a child of its own."""
-
-    def __init__(self):
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self):
-        self.lock, self.pid, self.conn = threading.Lock(), None, None
-
-    def _start(self):
-        import math_verify  # noqa: F401  loaded once in this process, so that every child forks with it
-
-        logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled": ours applies
-        parent_end, child_end = multiprocessing.Pipe()
-        pid = os.fork()
-        if pid == 0:
-            parent_end.close()
-            _serve(child_end)
-        child_end.close()
-        self.pid, self.conn = pid, parent_end
-
-    def _kill(self):
-        if self.pid is not None:
-            try:
-                os.kill(self.pid, 9)
-                os.waitpid(self.pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-            self.conn.close()
-        self.pid, self.conn = None, None
-
-    def check(self, gold_text, pred_text, timeout):
-        with self.lock:
-            for _ in range(2):
-                if self.pid is None:
-                    self._start()
-                try:
-                    self.conn.send((gold_text, pred_text))
-                    if not self.conn.poll(timeout):
-                        self._kill()
-                        return False, None
-                    return self.conn.recv()
-                except (EOFError, OSError):  # the child died (a crash, the memory cap): retry in a new one
-                    self._kill()
-            return False, None
-
-
-CHECKER = Checker()
+CHECKER = Sandbox(verify_in_child)
 _INTEGER = re.compile(r"\s*-?\d{1,100}\s*")
 
 
@@ -320,13 +218,8 @@ def to_prompt_record(raw):
 
 def load_prompts(path):
     """A JSON list or JSONL file of prompts in any accepted layout."""
-    text = Path(path).read_text()
-    if text.lstrip().startswith("["):
-        rows = list(enumerate(json.loads(text), 1))
-    else:
-        rows = [(n, json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     out = []
-    for n, raw in rows:
+    for n, raw in read_records(path):
         try:
             out.append(to_prompt_record(raw))
         except (ValueError, AttributeError, TypeError) as e:
@@ -342,18 +235,12 @@ ROLLOUT_KEYS = ("prompt_id", "ground_truth_answer", "text", "response_ids", "ste
 def read_rollouts(path, strict=False):
     """(records, problems): problems are 'file:line: why' for lines skipped."""
     records, problems = [], []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            missing = [k for k in ROLLOUT_KEYS if k not in record]
-            if missing:
-                raise ValueError(f"missing keys {missing}")
-        except (json.JSONDecodeError, ValueError, TypeError) as e:
-            problems.append(f"{path}:{n}: {e}")
-            continue
-        records.append(record)
+    for n, record in read_records(path, problems):
+        missing = [k for k in ROLLOUT_KEYS if k not in record] if isinstance(record, dict) else ROLLOUT_KEYS
+        if missing:
+            problems.append(f"{path}:{n}: missing keys {list(missing)}")
+        else:
+            records.append(record)
     if problems and strict:
         raise ValueError("; ".join(problems))
     return records, problems
@@ -362,18 +249,6 @@ def read_rollouts(path, strict=False):
 def pass_at_k(n, c, k):
     """Unbiased estimator (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def forwards_of(record):
-    """Denoising forward passes the sampler spent: per block, last step + 1. Blocks sit at
-    absolute positions, so the first one starts where the prompt's last block ends."""
-    b = record.get("sampler", {}).get("block_size", 4)
-    start = len(record.get("prompt_ids", []))
-    last_step = {}
-    for t, step in enumerate(record["step_map"]):
-        block = (start + t) // b
-        last_step[block] = max(last_step.get(block, 0), step)
-    return sum(s + 1 for s in last_step.values())
 
 
 def summarize(records, answers):
@@ -469,184 +344,29 @@ def format_table(results):
 
 
 def log_to_run(run, result, records_file):
-    """Append one {"stage": "eval", "step": policy step, ...} line per data source to
-    run/metrics.jsonl, so that held-out accuracy sits beside the training curve."""
-    first = json.loads(next(line for line in Path(records_file).read_text().splitlines() if line.strip()))
-    # strict JSON (a non-finite number becomes null) and never through a symlink, as common.append_metrics
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-    with os.fdopen(os.open(Path(run) / "metrics.jsonl", flags, 0o644), "a") as f:
-        for source, numbers in result["sources"].items():
-            numbers = {
-                k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in numbers.items()
-            }
-            line = {
-                "time": round(time.time(), 3),
-                "stage": "eval",
-                "step": first.get("policy_step"),
-                "file": str(records_file),
-                "data_source": source,
-                **numbers,
-            }
-            f.write(json.dumps(line, allow_nan=False) + "\n")
+    """One {"stage": "eval", "step": policy step, ...} line per data source in run/metrics.jsonl,
+    so that held-out accuracy sits beside the training curve."""
+    step = read_records(records_file)[0][1].get("policy_step")
+    lines = [
+        {"stage": "eval", "step": step, "file": str(records_file), "data_source": source, **numbers}
+        for source, numbers in result["sources"].items()
+    ]
+    rundir.append_metrics(run, *lines)
 
 
-def loop_minutes(lines):
-    """{policy step: loop minutes to produce it} from a run's metrics.jsonl lines: the wall
-    time of rollout.py and dipo.py only. Step k runs from the last line written before its
-    rollout's start line (so Python's start-up counts) to dipo's line for k; held-out
-    evaluations write their lines before that point and are left out. A gap before a rollout
-    longer than twice the median one (a loop stopped and started again later) counts as
-    twice the median."""
-    steps, before, start = [], lines[0]["time"] if lines else 0.0, None
-    for r in lines:
-        if r.get("stage") == "rollout" and r.get("event") == "start":
-            start = (before, r["time"])
-        elif r.get("stage") == "dipo" and "step" in r and "event" not in r and start:
-            steps.append((r["step"], start[1] - start[0], r["time"] - start[1]))
-            start = None
-        before = r["time"]
-    if not steps:
-        return {0: 0.0}
-    cap = 2 * sorted(gap for _, gap, _ in steps)[len(steps) // 2]
-    minutes, total = {0: 0.0}, 0.0
-    for step, gap, work in steps:
-        total += min(gap, cap) + work
-        minutes[step] = total / 60
-    return minutes
-
-
-def plot_runs(runs, out, max_step=0):
-    """Training reward and held-out avg@k against DiPO step and against loop minutes
-    (loop_minutes), one line per run, to a PNG. matplotlib is optional: imported here."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for run in runs:
-        lines = [
-            json.loads(line)
-            for line in (Path(run) / "metrics.jsonl").read_text().splitlines()
-            if line.strip()
-        ]
-        lines = [r for r in lines if not max_step or r.get("step", 0) <= max_step]
-        loop = [r for r in lines if r.get("stage") == "rollout" and "reward" in r]
-        if not loop:
-            raise ValueError(f"{run}: no rollout lines in metrics.jsonl")
-        minutes = loop_minutes(lines)
-        held_out = sorted(
-            (r for r in lines if r.get("stage") == "eval" and r["step"] in minutes), key=lambda r: r["step"]
-        )
-        k = next((key for key in held_out[0] if key.startswith("avg@")), None) if held_out else None
-        for ax, x in zip(
-            axes, ("step", "minutes")
-        ):  # a policy's minute is when dipo wrote it, however late it was evaluated
-            at = (lambda step: step) if x == "step" else (lambda step: minutes.get(step, 0.0))
-            smooth = [
-                sum(r["reward"] for r in loop[max(0, i - 4) : i + 1]) / len(loop[max(0, i - 4) : i + 1])
-                for i in range(len(loop))
-            ]
-            trained = ax.plot(
-                [at(r["step"]) for r in loop],
-                smooth,
-                alpha=0.5,
-                label=f"{Path(run).name}: training reward (mean of 5 steps)",
-            )
-            if k:
-                ax.plot(
-                    [at(r["step"]) for r in held_out],
-                    [r[k] for r in held_out],
-                    "o-",
-                    color=trained[0].get_color(),
-                    label=f"{Path(run).name}: held-out {k}",
-                )
-            ax.set_xlabel(
-                "DiPO step" if x == "step" else "loop minutes (rollout.py + dipo.py; evaluations left out)"
-            )
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    tmp = f"{out}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "files", nargs="+", help="rollout JSONL files (written by rollout.py); with --plot, run directories"
-    )
-    parser.add_argument(
-        "--json", default="", metavar="OUT", help="also write the numbers as JSON to OUT (default: off)"
-    )
-    parser.add_argument(
-        "--run",
-        default="",
-        help='also append the numbers to RUN/metrics.jsonl as {"stage": "eval"} lines (default: off)',
-    )
-    parser.add_argument(
-        "--plot",
-        default="",
-        metavar="OUT.png",
-        help="instead: draw training reward and held-out accuracy of the run "
-        "directories given as files, from their metrics.jsonl (needs matplotlib; default: off)",
-    )
-    parser.add_argument(
-        "--plot-steps",
-        type=int,
-        default=0,
-        metavar="N",
-        help="with --plot: only DiPO steps up to N (default: 0 = all)",
-    )
-    parser.add_argument("--workers", type=int, default=1, help="grading processes (default: 1)")
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        help=f"seconds allowed per check (default: {DEFAULT_TIMEOUT})",
-    )
-    parser.add_argument(
-        "--answer-format",
-        choices=["boxed", "gsm8k"],
-        default="boxed",
-        help="where the answer is: last \\boxed{} or '#### x' (default: boxed)",
-    )
-    parser.add_argument(
-        "--strict",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="stop at the first bad line instead of skipping it (default: off)",
-    )
-    args = parser.parse_args(argv)
-    if args.plot:
-        try:
-            plot_runs(args.files, args.plot, args.plot_steps)
-        except ImportError:
-            sys.exit("error: --plot needs matplotlib (pip install matplotlib)")
-        except (OSError, ValueError, KeyError, StopIteration) as e:
-            sys.exit(f"error: --plot: {e!r}")
-        print(f"wrote {args.plot}")
-        return
+def main(cfg):
     results = []
-    for path in args.files:
-        try:
-            result = evaluate_file(path, args.workers, args.timeout, args.answer_format, args.strict)
-        except (OSError, ValueError) as e:
-            sys.exit(f"error: {e}")
+    for path in cfg.files:
+        result = evaluate_file(path, cfg.workers, cfg.timeout, cfg.answer_format, cfg.strict)
         for problem in result["skipped_lines"]:
             print(f"skipped {problem}", file=sys.stderr)
         results.append(result)
-        if args.run:
-            log_to_run(args.run, result, path)
+        if cfg.run:
+            log_to_run(cfg.run, result, path)
     print(format_table(results))
-    if args.json:
-        tmp = f"{args.json}.tmp"
-        Path(tmp).write_text(json.dumps(results, indent=2))
-        os.replace(tmp, args.json)
+    if cfg.json:
+        rundir.write_atomic(cfg.json, json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, Config, __doc__)

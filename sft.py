@@ -34,7 +34,6 @@ How this differs from the paper's code:
 """
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -45,20 +44,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import attention
-import common
-from common import flag
+from support import distributed, policy, rundir
+from support.data import data_stream, read_records
+from support.flags import flag, run_stage
+from support.model import IM_END, load_model, render_chat, render_prompt, save_checkpoint
 
-RUN_FIELDS = {
-    "resume",
-    "save_every",
-    "log_every",
-    "threads",
-    "grad_checkpointing",
-    "row_len",
-    "grad_accum",
-    "attn",
-    "device",
-}
+# settings a resumed run may change: they do not change what is learned
+RUN_FIELDS = {"resume", "save_every", "log_every", "threads", "grad_checkpointing", "row_len", "grad_accum"}
+RUN_FIELDS |= {"attn", "device"}
+
+
+OVERLONG, DTYPE_NAMES = ("skip", "truncate"), tuple(distributed.DTYPES)
 
 
 @dataclass
@@ -68,7 +64,7 @@ class Config:
         "data/arith_sft.jsonl", "SFT data: JSON list or JSONL of {messages} or {prompt, response}"
     )
     run: str = flag("runs/arith", "run directory (created); its layout: docs/design.md")
-    steps: int = flag(2000, "optimizer steps (about 8 minutes on 2 CPU cores with the defaults)")
+    steps: int = flag(2000, "optimizer steps")
     epochs: float = flag(0.0, "if > 0, train this many passes over the data instead of --steps")
     batch_size: int = flag(32, "documents per optimizer step, summed over processes and micro-batches")
     grad_accum: int = flag(1, "micro-batches per optimizer step in each process")
@@ -81,11 +77,11 @@ class Config:
     block_size: int = flag(0, "block size; 0 = the checkpoint's (4 for 'tiny' and SDAR)")
     max_len: int = flag(256, "longest document in tokens after block padding (a multiple of the block size)")
     overlong: str = flag(
-        "skip", "documents longer than --max-len: 'skip' or 'truncate' (the response); counted either way"
+        "skip", "documents over --max-len: skipped, or their response truncated", choices=OVERLONG
     )
     eps: float = flag(1e-3, "smallest mask rate: p = (1 - eps) t + eps")
     instruction: str = flag("auto", "sentence appended to {prompt} records; 'auto' = the checkpoint's")
-    dtype: str = flag("float32", "compute dtype: float32, or bfloat16 (autocast; weights stay float32)")
+    dtype: str = flag("float32", "compute dtype (bfloat16: autocast, float32 weights)", choices=DTYPE_NAMES)
     device: str = flag("auto", "auto (cuda if present), cpu or cuda")
     attn: str = flag("auto", "attention backend: auto (flex on CUDA, else sdpa), flex, sdpa, eager")
     seed: int = flag(0, "seed of the model init (tiny), the data order, the held-out split and the masks")
@@ -163,27 +159,6 @@ def noise_seed(seed, position):
 # ----------------------------------------------------------------------------- data
 
 
-def read_records(path):
-    """[(line number, record)] from a JSON list or a JSONL file; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
-    text = path.read_text()
-    if text.lstrip().startswith("["):
-        try:
-            return list(enumerate(json.loads(text), 1))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not a JSON list ({e})") from None
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-    return records
-
-
 def to_texts(record, instruction):
     """(prompt text, response text) in DiRL's chat format; the response ends with <|im_end|>\\n."""
     if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
@@ -195,16 +170,14 @@ def to_texts(record, instruction):
             or not isinstance(last.get("content"), str)
         ):
             raise ValueError("the last message must be an assistant turn with string content")
-        prompt = attention.render_chat(messages[:-1], add_generation_prompt=True)
-        return prompt, last["content"] + attention.IM_END + "\n"
+        prompt = render_chat(messages[:-1], add_generation_prompt=True)
+        return prompt, last["content"] + IM_END + "\n"
     if (
         isinstance(record, dict)
         and isinstance(record.get("prompt"), str)
         and isinstance(record.get("response"), str)
     ):
-        return attention.render_prompt(record["prompt"], instruction), record[
-            "response"
-        ] + attention.IM_END + "\n"
+        return render_prompt(record["prompt"], instruction), record["response"] + IM_END + "\n"
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
     raise ValueError(f"need 'messages' or 'prompt' + 'response' (have {keys})")
 
@@ -295,7 +268,7 @@ def read_trainer_state(cfg, run, save_dir):
     """With --resume, the last save's trainer state (None if there is none yet), refused if it
     was saved with other settings; without, a refusal to overwrite an existing SFT run."""
     if cfg.resume and (save_dir / "trainer_state.pt").is_file():
-        trainer_state = common.read_torch_state(
+        trainer_state = distributed.read_torch_state(
             save_dir / "trainer_state.pt", {"step": int, "config": dict, "optimizer": dict, "scheduler": dict}
         )
         changed = {
@@ -318,27 +291,20 @@ def read_trainer_state(cfg, run, save_dir):
 def prepare_training(model, cfg, trainer_state, total_steps, world, dtype, device):
     """The model on its device (FSDP2 under torchrun), AdamW and the warmup-cosine schedule,
     restored from the trainer state if resuming. Returns (optimizer, scheduler, first step)."""
-    model.to(device)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
-    if world > 1:
-        common.shard_model(model, dtype)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    optimizer = distributed.make_optimizer(
+        model.to(device), cfg.lr, cfg.weight_decay, cfg.grad_checkpointing, world, dtype
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     )
     if not trainer_state:
         return optimizer, scheduler, 0
-    common.load_optimizer_state(model, optimizer, trainer_state["optimizer"])
+    distributed.load_optimizer_state(model, optimizer, trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     return optimizer, scheduler, trainer_state["step"]
 
 
 def check_flags(cfg, world):
-    if cfg.overlong not in ("skip", "truncate"):
-        raise ValueError(f"--overlong must be 'skip' or 'truncate', not {cfg.overlong!r}")
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(
             f"--batch-size {cfg.batch_size} must divide into {world} processes x "
@@ -359,7 +325,7 @@ def train_step(model, optimizer, scheduler, batch, cfg, device, dtype, where):
         )
         loss.backward()
         stats += torch.tensor([loss.item(), hits, masked, tokens])
-    grad_norm = common.clip_gradients(model, cfg.grad_clip, where)
+    grad_norm = distributed.clip_gradients(model, cfg.grad_clip, where)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -367,20 +333,40 @@ def train_step(model, optimizer, scheduler, batch, cfg, device, dtype, where):
     return stats, grad_norm, lr
 
 
-@common.releases_run_lock
+def log_step(run, bar, done, total_steps, stats, lr, grad_norm, tokens_per_s):
+    """One metrics.jsonl line and one log line for the step that just ended."""
+    loss, acc = stats[0].item(), stats[1].item() / max(1, stats[2].item())
+    record = {"stage": "sft", "step": done, "loss": loss, "acc": acc, "lr": lr, "grad_norm": grad_norm}
+    rundir.append_metrics(run, {**record, "tokens_per_s": tokens_per_s})
+    bar.write(
+        f"step {done:>5}/{total_steps} | loss {loss:.4f} | acc {acc:.3f} | lr {lr:.2e} | "
+        f"grad norm {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s"
+    )
+
+
+def save_run(model, tokenizer, optimizer, scheduler, cfg, step, rank):
+    """The resumable save, runs/<run>/sft/: weights and trainer state in one atomic directory.
+    A collective under FSDP (every process calls it); returns the full weights."""
+    model_sd, optim_sd = distributed.full_state(model, optimizer)
+    if rank == 0:
+        state = {"step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict()}
+        state["config"] = dataclasses.asdict(cfg)
+        save_checkpoint(model, tokenizer, Path(cfg.run) / "sft", state_dict=model_sd, trainer_state=state)
+    return model_sd
+
+
+@rundir.releases_run_lock
 def main(cfg):
-    rank, world, device = common.init_distributed(cfg.device, cfg.threads)
-    dtype = common.DTYPES[cfg.dtype]
+    rank, world, device = distributed.init_distributed(cfg.device, cfg.threads)
+    dtype = distributed.DTYPES[cfg.dtype]
     run = Path(cfg.run)
     save_dir = run / "sft"
     check_flags(cfg, world)
     if rank == 0:
-        common.lock_run(run, "sft")
+        rundir.lock_run(run, "sft")
     trainer_state = read_trainer_state(cfg, run, save_dir)
 
-    model, tokenizer = attention.load_model(
-        str(save_dir) if trainer_state else cfg.model, attn=cfg.attn, seed=cfg.seed
-    )
+    model, tokenizer = load_model(str(save_dir) if trainer_state else cfg.model, attn=cfg.attn, seed=cfg.seed)
     train, held_out, overlong = prepare_documents(cfg, model, tokenizer)
     block_size = model.config.block_size
     total_steps = math.ceil(cfg.epochs * len(train) / cfg.batch_size) if cfg.epochs > 0 else cfg.steps
@@ -389,7 +375,7 @@ def main(cfg):
         model, cfg, trainer_state, total_steps, world, dtype, device
     )
     if rank == 0:
-        common.record_invocation(run, "sft", cfg)
+        rundir.record_invocation(run, "sft", cfg)
         params = sum(p.numel() for p in model.parameters())
         print(
             f"sft: {cfg.model} ({params / 1e6:.2f}M params, block {block_size}) on {world} x {device}; "
@@ -399,22 +385,10 @@ def main(cfg):
             f"steps {start} -> {total_steps}"
         )
 
-    def save(step):
-        model_sd, optim_sd = common.full_state(model, optimizer)  # a collective: every process
-        if rank == 0:
-            state = {
-                "step": step,
-                "optimizer": optim_sd,
-                "scheduler": scheduler.state_dict(),
-                "config": dataclasses.asdict(cfg),
-            }
-            attention.save_checkpoint(model, tokenizer, save_dir, state_dict=model_sd, trainer_state=state)
-        return model_sd
-
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="sft", disable=rank != 0)
     t0, tokens_since = time.time(), 0
     for step in bar:
-        mine = common.data_stream(step, cfg.batch_size, len(train), cfg.seed)[rank::world]
+        mine = data_stream(step, cfg.batch_size, len(train), cfg.seed)[rank::world]
         batch = [(i, train[d]) for i, d in mine]  # (position in the stream: seeds the noise, doc)
         where = f"step {step} (saved up to step {start})"
         stats, grad_norm, lr = train_step(model, optimizer, scheduler, batch, cfg, device, dtype, where)
@@ -424,47 +398,34 @@ def main(cfg):
         done = step + 1
         if done % cfg.log_every == 0 or done == total_steps:
             elapsed, t0 = time.time() - t0, time.time()
-            record = {
-                "stage": "sft",
-                "step": done,
-                "loss": stats[0].item(),
-                "acc": stats[1].item() / max(1, stats[2].item()),
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens_since / elapsed,
-            }
-            tokens_since = 0
             if rank == 0:
-                common.append_metrics(run, record)
-                bar.write(
-                    f"step {done:>5}/{total_steps} | loss {record['loss']:.4f} | acc {record['acc']:.3f} | "
-                    f"lr {lr:.2e} | grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s"
-                )
+                log_step(run, bar, done, total_steps, stats, lr, grad_norm, tokens_since / elapsed)
+            tokens_since = 0
         if done % cfg.save_every == 0 and done < total_steps:
-            save(done)
+            save_run(model, tokenizer, optimizer, scheduler, cfg, done, rank)
     bar.close()
 
-    model_sd = save(total_steps)
+    model_sd = save_run(model, tokenizer, optimizer, scheduler, cfg, total_steps, rank)
     if held_out:
         loss, acc = held_out_loss(model, held_out, cfg, device, dtype)
         if rank == 0:
-            common.append_metrics(
+            rundir.append_metrics(
                 run, {"stage": "sft", "step": total_steps, "held_out_loss": loss, "held_out_acc": acc}
             )
             print(
                 f"held-out ({len(held_out)} docs): diffusion loss {loss:.4f}, masked-token accuracy {acc:.3f}"
             )
     if rank == 0:
-        attention.save_checkpoint(model, tokenizer, common.policy_dir(run, 0), state_dict=model_sd)
-        common.publish_policy(run, 0)
+        save_checkpoint(model, tokenizer, policy.policy_dir(run, 0), state_dict=model_sd)
+        policy.publish_policy(run, 0)
         print(
-            f"wrote {common.policy_dir(run, 0)}; exact-match accuracy on the test split:\n"
-            f"  python rollout.py --policy {common.policy_dir(run, 0)} --data data/arith_test.jsonl "
+            f"wrote {policy.policy_dir(run, 0)}; exact-match accuracy on the test split:\n"
+            f"  python rollout.py --policy {policy.policy_dir(run, 0)} --data data/arith_test.jsonl "
             f"--num-prompts 0 --group-size 1 --out {run}/eval/sft.jsonl && "
             f"python eval.py {run}/eval/sft.jsonl"
         )
-    common.finish_distributed(world)
+    distributed.finish_distributed(world)
 
 
 if __name__ == "__main__":
-    common.run_stage(main, Config, __doc__)
+    run_stage(main, Config, __doc__)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import attention  # noqa: E402
 import dipo  # noqa: E402
+import support.model  # noqa: E402
 
 SDAR_VOCAB = 151_936
 
@@ -54,7 +55,7 @@ def packed_loss(model, records, micro, mask_id):
     """dipo.py's way: all rounds of a response in one forward, LM head at scored tokens only."""
     for start in range(0, len(records), micro):
         part = records[start : start + micro]
-        batch = dipo.build_batch(part, mask_id, 4, 0, row_len=dipo.Config.row_len)
+        batch = attention.replay_batch(part, mask_id, 4, 0, row_len=dipo.Config.row_len)
         logp = dipo.token_logprobs(model, batch, torch.device("cpu"), torch.float32)
         adv = torch.tensor([part[i]["advantage"] for i in batch[2]["record"].tolist()])
         (-(adv * logp).sum() / len(records)).backward()
@@ -68,7 +69,7 @@ def per_round_loss(model, records, micro, mask_id):
             members = [r for r in part if s in r["step_map"]]
             if not members:
                 continue
-            ids, layout, where = dipo.build_batch(
+            ids, layout, where = attention.replay_batch(
                 members, mask_id, 4, 0, row_len=dipo.Config.row_len, rounds=[s]
             )
             logits = attention.forward_layout(model, ids, layout)  # [B, N, V]
@@ -82,7 +83,7 @@ def per_round_loss(model, records, micro, mask_id):
 def run_variant(args):
     """In this process: time `args.variant` and print JSON (seconds, peak RSS, gradient)."""
     torch.set_num_threads(args.threads)
-    model, _ = attention.load_model("tiny")
+    model, _ = support.model.load_model("tiny")
     if args.vocab != model.config.vocab_size:
         config = model.config
         config.vocab_size = args.vocab

@@ -31,6 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import attention  # noqa: E402
 import eval as grader  # noqa: E402
 import rollout  # noqa: E402
+import support.model  # noqa: E402
 
 
 @torch.no_grad()
@@ -76,12 +77,13 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, tokenizer = attention.load_model("tiny")
+    model, tokenizer = support.model.load_model("tiny")
     model.eval()
     cfg = rollout.Config(strategy="sequential", max_new_tokens=args.new_tokens)
     questions = [p["question"] for p in grader.load_prompts(ROOT / "data/arith_test.jsonl")]
     encoded = [
-        tokenizer(attention.render_prompt(q, ""), add_special_tokens=False)["input_ids"] for q in questions
+        tokenizer(support.model.render_prompt(q, ""), add_special_tokens=False)["input_ids"]
+        for q in questions
     ]
     length = max(set(map(len, encoded)), key=[len(e) for e in encoded].count)  # the most common length
     prompts = [e for e in encoded if len(e) == length][: args.sequences]
@@ -108,12 +110,14 @@ def main():
 
 
 def policy_speed(args, questions):
-    model, tokenizer = attention.load_model(args.policy, attn="sdpa")
+    model, tokenizer = support.model.load_model(args.policy, attn="sdpa")
     model.eval()
     b = model.config.block_size
-    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)}
+    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(support.model.IM_END)}
     prompts = [
-        tokenizer(attention.render_prompt(q, model.config.instruction), add_special_tokens=False)["input_ids"]
+        tokenizer(support.model.render_prompt(q, model.config.instruction), add_special_tokens=False)[
+            "input_ids"
+        ]
         for q in questions[: args.prompts]
     ]
     calls = []  # live rows of every denoising forward (the prefills, logits_to_keep=1, are left out)

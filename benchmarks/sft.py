@@ -20,9 +20,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+
 import attention  # noqa: E402
-import common  # noqa: E402
 import sft  # noqa: E402
+import support.data  # noqa: E402
+import support.model  # noqa: E402
 
 
 def matmul_peak(threads, n=1024, repeats=20):
@@ -47,7 +49,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = sft.Config(row_len=args.row_len, batch_size=args.batch_size)
-    model, tokenizer = attention.load_model("tiny")
+    model, tokenizer = support.model.load_model("tiny")
     c = model.config
     docs, _ = sft.load_documents(
         ROOT / cfg.data, tokenizer, c.instruction, c.block_size, cfg.max_len, cfg.overlong
@@ -61,7 +63,7 @@ def main():
     model_flops = attn_flops = tokens = 0
     elapsed = 0.0
     for step in range(args.steps + 3):  # 3 warm-up steps
-        mine = common.data_stream(step, cfg.batch_size, len(docs), cfg.seed)
+        mine = support.data.data_stream(step, cfg.batch_size, len(docs), cfg.seed)
         batch, positions = [docs[d] for _, d in mine], [i for i, _ in mine]
         t = time.perf_counter()
         noises = [

@@ -12,7 +12,10 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from transformers import AutoModelForCausalLM
 
 import attention
-import common
+import support.data
+import support.distributed
+import support.flags
+import support.model
 from conftest import ROOT
 
 
@@ -115,7 +118,7 @@ def test_flex_forward_equals_sdpa_with_dense_mask(num_noisy, block_size):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return attention.load_model("tiny", seed=1)
+    return support.model.load_model("tiny", seed=1)
 
 
 def test_backends_agree_through_the_model(tiny):
@@ -140,7 +143,7 @@ def test_backends_agree_through_the_model(tiny):
 def test_flex_and_dense_give_the_same_loss_and_gradients_on_cuda(dtype, tol):
     """The training paths: compiled FlexAttention (the CUDA default) against SDPA with the dense
     mask from the same mask_mod, under autocast as sft.py and dipo.py run them."""
-    model, _ = attention.load_model("tiny", seed=1, device="cuda")
+    model, _ = support.model.load_model("tiny", seed=1, device="cuda")
     layout = attention.make_layout([[(12, 2, 4), (5, 1, 0)], [(16, 2, 8)]], block_size=4)
     ids = torch.randint(
         4, model.config.vocab_size, layout.doc.shape, generator=torch.Generator().manual_seed(0)
@@ -167,12 +170,12 @@ def test_fsdp_gathers_weights_in_the_compute_dtype(tmp_path):
     code = f"""
 import sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-import attention
-import common
+import support.distributed
+import support.model
 torch.distributed.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
 for dtype in (torch.float32, torch.bfloat16):
-    model, _ = attention.load_model("tiny", seed=1)
-    common.shard_model(model, dtype)
+    model, _ = support.model.load_model("tiny", seed=1)
+    support.distributed.shard_model(model, dtype)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.dtype == dtype, dtype
 torch.distributed.destroy_process_group()
@@ -251,14 +254,14 @@ def test_pack_rows_fills_rows_and_keeps_big_items_alone():
 
 
 def test_data_stream_visits_every_item_once_per_pass():
-    seen = [d for s in range(5) for _, d in common.data_stream(s, 4, 20, seed=3)]
+    seen = [d for s in range(5) for _, d in support.data.data_stream(s, 4, 20, seed=3)]
     assert sorted(seen) == list(range(20))
-    assert [i for i, _ in common.data_stream(2, 4, 20, seed=3)] == [8, 9, 10, 11]
+    assert [i for i, _ in support.data.data_stream(2, 4, 20, seed=3)] == [8, 9, 10, 11]
 
 
 def write_sdar_dir(model, tokenizer, path, with_block_keys):
     """An SDAR-format checkpoint as released: model_type "sdar", custom-code keys, Qwen3 weights."""
-    attention.save_checkpoint(model, tokenizer, path)
+    support.model.save_checkpoint(model, tokenizer, path)
     config = json.loads((path / "config.json").read_text())
     config.update(
         model_type="sdar",
@@ -278,7 +281,7 @@ def write_sdar_dir(model, tokenizer, path, with_block_keys):
 def test_sdar_dir_loads_as_qwen3_with_same_logits(tiny, tmp_path, with_block_keys):
     model, tokenizer = tiny
     write_sdar_dir(model, tokenizer, tmp_path / "sdar", with_block_keys)
-    loaded, loaded_tok = attention.load_model(tmp_path / "sdar")
+    loaded, loaded_tok = support.model.load_model(tmp_path / "sdar")
     assert type(loaded).__name__ == "Qwen3ForCausalLM"
     assert loaded.config.block_size == 4
     assert loaded.config.mask_token_id == loaded_tok.convert_tokens_to_ids("<|MASK|>")
@@ -294,12 +297,12 @@ def test_sdar_dir_with_conflicting_mask_id_is_refused(tiny, tmp_path):
     config["mask_token_id"] = 7
     (tmp_path / "sdar" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="mask"):
-        attention.load_model(tmp_path / "sdar")
+        support.model.load_model(tmp_path / "sdar")
 
 
 def test_missing_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        attention.load_model(tmp_path / "nothing")
+        support.model.load_model(tmp_path / "nothing")
 
 
 def test_dirl_sdpa_equals_transformers_sdpa_to_the_bit(tiny):
@@ -347,12 +350,12 @@ def test_save_load_roundtrip_gives_identical_logits(tiny, tmp_path):
     model, tokenizer = tiny
     out = tmp_path / "policy" / "step_000000"
     out.parent.mkdir()
-    attention.save_checkpoint(model, tokenizer, out)
-    attention.save_checkpoint(model, tokenizer, out)  # overwriting a whole checkpoint is allowed
+    support.model.save_checkpoint(model, tokenizer, out)
+    support.model.save_checkpoint(model, tokenizer, out)  # overwriting a whole checkpoint is allowed
     assert sorted(p.name for p in out.parent.iterdir()) == ["step_000000"]  # no temporary left behind
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     plain = AutoModelForCausalLM.from_pretrained(out)  # a standard HF dir, no registry needed
-    ours, tok = attention.load_model(out)
+    ours, tok = support.model.load_model(out)
     ids = torch.randint(4, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, model(ids).logits, atol=0, rtol=0)
@@ -364,9 +367,9 @@ def test_tiny_init_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    a, _ = attention.build_tiny(seed=4)
+    a, _ = support.model.build_tiny(seed=4)
     after = torch.rand(1)
-    b, _ = attention.build_tiny(seed=4)
+    b, _ = support.model.build_tiny(seed=4)
     assert torch.equal(before, after)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
@@ -374,8 +377,8 @@ def test_tiny_init_is_seeded_and_leaves_global_rng_alone():
 def test_parse_config_precedence(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"seed": 5, "attn": "eager"}))
-    cfg = common.parse_config(attention.Config, ["--config", str(path), "--seed", "9"])
+    cfg = support.flags.parse_config(support.model.Config, ["--config", str(path), "--seed", "9"])
     assert (cfg.seed, cfg.attn, cfg.model) == (9, "eager", "tiny")
     path.write_text(json.dumps({"sede": 5}))
     with pytest.raises(SystemExit):
-        common.parse_config(attention.Config, ["--config", str(path)])
+        support.flags.parse_config(support.model.Config, ["--config", str(path)])

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import attention
-import common
 import dipo
 import rollout
+import support.model
+import support.policy
 from conftest import ROOT
 
 MASK = 3
@@ -67,9 +68,9 @@ def random_records(n, seed=0, block_size=4):
 
 
 def test_packed_forward_equals_one_forward_per_round():
-    model, _ = attention.load_model("tiny", seed=4)
+    model, _ = support.model.load_model("tiny", seed=4)
     records = random_records(6)
-    batch = dipo.build_batch(records, MASK, 4, 0, row_len=200)
+    batch = attention.replay_batch(records, MASK, 4, 0, row_len=200)
     assert batch[0].shape[0] > 1  # several rows, several documents per row
     packed = dipo.token_logprobs(model, batch, torch.device("cpu"), torch.float32)
     where = batch[2]
@@ -258,7 +259,7 @@ def test_dipo_gradient_is_unbiased_on_an_enumerable_toy_and_one_step_is_not():
                 )
                 objective = (a * logp).mean()
             else:
-                batch = dipo.build_batch(part, MASK, 2, 0, row_len=512)
+                batch = attention.replay_batch(part, MASK, 2, 0, row_len=512)
                 logp = dipo.token_logprobs(model, batch, torch.device("cpu"), torch.float32)
                 objective = (a[batch[2]["record"]] * logp).sum() / len(
                     part
@@ -304,9 +305,9 @@ def run_dipo(run, *args, **kw):
 def make_run(path, seed=0):
     """A run at policy step 0 (the tiny model) with rollouts whose rewards alternate inside each
     group (a random model never answers right; dipo trusts the reward field)."""
-    model, tokenizer = attention.load_model("tiny", seed=seed)
-    attention.save_checkpoint(model, tokenizer, common.policy_dir(path, 0))
-    common.publish_policy(path, 0)
+    model, tokenizer = support.model.load_model("tiny", seed=seed)
+    support.model.save_checkpoint(model, tokenizer, support.policy.policy_dir(path, 0))
+    support.policy.publish_policy(path, 0)
     sample(path, 0)
     return path
 
@@ -336,21 +337,21 @@ def test_update_at_the_sampling_weights_has_no_mismatch_and_ratio_one(tmp_path):
     assert m["updated"] and m["step"] == 1
     assert m["mismatch_max"] < 1e-4
     assert m["approx_kl"] == 0.0 and m["clip_frac"] == 0.0  # one on-policy step: every ratio is exactly 1
-    assert common.latest_policy(run)[0] == 1
+    assert support.policy.latest_policy(run)[0] == 1
     assert torch.load(run / "dipo_state.pt", weights_only=True)["step"] == 1
     again = run_dipo(run)  # the same k again: its rollouts are gone with the step, so it says so
     assert again.returncode != 0 and "no rollouts for policy step 1" in again.stderr
     sample(run, 1)  # two minibatches: the second one's logp_old comes from a pass before any step
     assert (
         run_dipo(run, "--minibatches", 2, "--ppo-epochs", 2).returncode == 0
-        and common.latest_policy(run)[0] == 2
+        and support.policy.latest_policy(run)[0] == 2
     )
     m = metrics(run)[-1]
     assert m["mismatch_max"] < 1e-4 and m["approx_kl"] > 0.0
     sample(run, 2)  # more minibatches than responses: one response each, none left empty
     out = run_dipo(run, "--minibatches", 40)
     assert out.returncode == 0, out.stderr
-    assert common.latest_policy(run)[0] == 3 and metrics(run)[-1]["mismatch_max"] < 1e-4
+    assert support.policy.latest_policy(run)[0] == 3 and metrics(run)[-1]["mismatch_max"] < 1e-4
 
 
 def update_copies(tmp_path, variants, two_processes=()):
@@ -460,8 +461,8 @@ def test_warmup_follows_the_policy_step_and_overrides_the_saved_lr(tmp_path):
         assert dipo.main(dipo.Config(run=str(warm), warmup_steps=4, threads=1)) == 0
         assert dipo.main(dipo.Config(run=str(plain), lr=lr, threads=1)) == 0
         assert metrics(warm)[-1]["lr"] == pytest.approx(lr) and metrics(plain)[-1]["lr"] == lr
-        a = load_file(common.policy_dir(warm, step) / "model.safetensors")
-        b = load_file(common.policy_dir(plain, step) / "model.safetensors")
+        a = load_file(support.policy.policy_dir(warm, step) / "model.safetensors")
+        b = load_file(support.policy.policy_dir(plain, step) / "model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
         if step == 1:
             sample(warm, 1)
@@ -489,7 +490,7 @@ def test_stale_and_mismatched_rollouts_are_refused(tmp_path):
     path.write_text(good[: len(good) // 2])
     out = run_dipo(run)
     assert out.returncode == 1 and "not JSON" in out.stderr
-    assert not common.policy_dir(run, 1).exists() and common.latest_policy(run)[0] == 0
+    assert not support.policy.policy_dir(run, 1).exists() and support.policy.latest_policy(run)[0] == 0
 
 
 def test_all_equal_rewards_carry_the_policy_over_with_exit_code_3(tmp_path):
@@ -499,9 +500,9 @@ def test_all_equal_rewards_carry_the_policy_over_with_exit_code_3(tmp_path):
     path.write_text("".join(json.dumps({**r, "reward": 1.0}) + "\n" for r in records))
     out = run_dipo(run, "--dapo-filter")
     assert out.returncode == dipo.NOTHING_TO_LEARN and "no group has a learning signal" in out.stdout
-    assert common.latest_policy(run)[0] == 1 and metrics(run)[-1]["updated"] is False
-    a = load_file(common.policy_dir(run, 0) / "model.safetensors")
-    b = load_file(common.policy_dir(run, 1) / "model.safetensors")
+    assert support.policy.latest_policy(run)[0] == 1 and metrics(run)[-1]["updated"] is False
+    a = load_file(support.policy.policy_dir(run, 0) / "model.safetensors")
+    b = load_file(support.policy.policy_dir(run, 1) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -518,17 +519,19 @@ def test_killed_update_is_redone_or_completed(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    while not common.policy_dir(run, 1).exists() and proc.poll() is None and time.time() < deadline:
+    while not support.policy.policy_dir(run, 1).exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     out = run_dipo(run)
     assert out.returncode == 0, out.stderr
-    assert common.latest_policy(run)[0] == 1
-    a = load_file(common.policy_dir(run, 1) / "model.safetensors")
-    b = load_file(common.policy_dir(reference, 1) / "model.safetensors")
+    assert support.policy.latest_policy(run)[0] == 1
+    a = load_file(support.policy.policy_dir(run, 1) / "model.safetensors")
+    b = load_file(support.policy.policy_dir(reference, 1) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a state file that says the update finished but latest not moved: completed, not redone
     (run / "policy" / "latest").write_text("step_000000\n")
     out = run_dipo(run)
-    assert out.returncode == 0 and "already written" in out.stdout and common.latest_policy(run)[0] == 1
+    assert (
+        out.returncode == 0 and "already written" in out.stdout and support.policy.latest_policy(run)[0] == 1
+    )

@@ -15,7 +15,12 @@ from multiprocessing import get_context
 import pytest
 
 import eval as ev
+import support.data
+import support.sandbox
 from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import curves  # noqa: E402  benchmarks/curves.py
 
 # (boxed answer, ground truth, equivalent?) in the way MATH500 / GSM8K / AIME / OlympiadBench write them.
 CASES = [
@@ -679,7 +684,7 @@ def test_grading_works_from_threads_and_pool_workers():
         assert list(pool.map(ev.grade, *zip(*jobs))) == want
 
 
-def test_a_crashed_check_is_retried_then_counts_as_not_equal(monkeypatch, tmp_path):
+def test_a_crashed_check_is_retried_then_counts_as_not_equal(tmp_path):
     """Seen once under heavy load: a forked child segfaulted. A child that dies without a
     verdict is replaced and the check tried once more, then it counts as not equal."""
     crashed = tmp_path / "crashed"
@@ -690,11 +695,10 @@ def test_a_crashed_check_is_retried_then_counts_as_not_equal(monkeypatch, tmp_pa
             os._exit(70)
         return True, "1"
 
-    checker = ev.Checker()
-    monkeypatch.setattr(ev, "verify_in_child", crash_once)
+    checker = support.sandbox.Sandbox(crash_once)
     assert checker.check("$1$", "\\boxed{1}", 2.0) == (True, "1") and crashed.exists()
-    monkeypatch.setattr(ev, "verify_in_child", lambda gold, pred: os._exit(70))
     checker._kill()
+    checker = support.sandbox.Sandbox(lambda gold, pred: os._exit(70))
     start = time.perf_counter()
     assert checker.check("$1$", "\\boxed{1}", 2.0) == (False, None)
     assert time.perf_counter() - start < 2.0  # a crash is seen at once, not after the time limit
@@ -816,7 +820,7 @@ def test_pass_at_k_matches_closed_form():
 def test_tokens_per_forward_respects_absolute_block_positions():
     # prompt of 6 tokens, block 4: the first response block holds 2 tokens (positions 6, 7)
     record = rollout("a", 1.0, "", step_map=(0, 1, 0, 0, 0, 0), prompt_len=6)
-    assert ev.forwards_of(record) == 2 + 1
+    assert support.data.forwards_of(record) == 2 + 1
 
 
 def test_cli_regrades_side_by_side_and_writes_json(tmp_path):
@@ -853,7 +857,7 @@ def test_cli_regrades_side_by_side_and_writes_json(tmp_path):
 
 
 def test_run_log_and_plot(tmp_path):
-    """--run appends held-out numbers to a run's metrics.jsonl; --plot draws them beside the
+    """--run appends held-out numbers to a run's metrics.jsonl; benchmarks/curves.py draws them beside the
     training reward (or, without matplotlib, says what to install)."""
     run = tmp_path / "run"
     run.mkdir()
@@ -878,7 +882,9 @@ def test_run_log_and_plot(tmp_path):
     )
     png = tmp_path / "curve.png"
     plot = subprocess.run(
-        [sys.executable, str(ROOT / "eval.py"), "--plot", str(png), str(run)], capture_output=True, text=True
+        [sys.executable, str(ROOT / "benchmarks" / "curves.py"), str(png), str(run)],
+        capture_output=True,
+        text=True,
     )
     try:
         import matplotlib  # noqa: F401
@@ -907,5 +913,5 @@ def test_loop_minutes_count_rollout_and_update_only():
         line(1000, "rollout", event="start"),
         line(1012, "dipo", step=4),
     ]  # stopped and restarted: gap capped at 2 x 4 s
-    minutes = ev.loop_minutes(lines)
+    minutes = curves.loop_minutes(lines)
     assert minutes == pytest.approx({0: 0.0, 1: 20 / 60, 2: 36 / 60, 3: 52 / 60, 4: 72 / 60})

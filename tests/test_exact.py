@@ -15,6 +15,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 import attention
 import dipo
 import rollout
+import support.exact
 
 MASK, VOCAB, BLOCK = 3, 4, 3
 PROMPT = [0, 1, 2]  # one whole block; the response is the next block of 3
@@ -123,12 +124,10 @@ def estimator_log_probs(model, trajectories, sampler, estimator):
         {"prompt_ids": PROMPT, "response_ids": list(tokens), "step_map": list(step_map)}
         for tokens, step_map in trajectories
     ]
-    batch = dipo.build_batch(records, MASK, BLOCK, 0, row_len=256, all_masked=estimator == "exact")
+    batch = attention.replay_batch(records, MASK, BLOCK, 0, row_len=256, all_masked=estimator == "exact")
     where = batch[2]
-    cpu = torch.device("cpu")
-    logp, _, logq = dipo.forward_scores(
-        model, batch, cpu, torch.float32, sampler if estimator == "exact" else None
-    )
+    logits, logp, _ = dipo.forward_scores(model, batch, torch.device("cpu"), torch.float32)
+    logq = attention.sampling_logprobs(logits, sampler["temperature"], sampler["top_k"], sampler["top_p"])
     kept_record = where["record"][where["committed"]]
     total = torch.zeros(len(records), dtype=torch.float64)
     if estimator == "dipo":
@@ -136,7 +135,7 @@ def estimator_log_probs(model, trajectories, sampler, estimator):
     below = None
     if sampler["strategy"] != "sequential":
         num_steps = int(where["sampler_step"].max()) + 1
-        below = dipo.selection_sets(
+        below = support.exact.selection_sets(
             logq.detach(),
             where["token"],
             where["committed"],
@@ -145,10 +144,10 @@ def estimator_log_probs(model, trajectories, sampler, estimator):
             sampler["strategy"],
             sampler["threshold"],
         )
-    tokens, selection = dipo.exact_terms(logq, where, below)
+    tokens, selection = support.exact.exact_terms(logq, where, below)
     total = total.index_add(0, kept_record, tokens)
     if selection is not None:
-        total = total.index_add(0, dipo.step_records(where), selection)
+        total = total.index_add(0, support.exact.step_records(where), selection)
     return total
 
 
@@ -285,4 +284,4 @@ def test_exact_script_is_invariant_to_micro_batches_and_processes_and_refuses_wh
         out = run_dipo(base, "--estimator", "exact")
         assert out.returncode == 1 and message in out.stderr, out.stderr
     out = run_dipo(base, "--estimator", "unbiased")
-    assert out.returncode == 1 and "choose dipo or exact" in out.stderr
+    assert out.returncode == 1 and "choose from dipo, exact" in out.stderr

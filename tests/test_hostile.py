@@ -15,9 +15,12 @@ import pytest
 import torch
 from test_dipo import make_run
 
-import common
 import dipo
 import eval as grader
+import support.distributed
+import support.flags
+import support.policy
+import support.rundir
 from conftest import ROOT
 
 PROTECTED = ("policy/latest", "policy/step_000000/model.safetensors", "dipo_state.pt", "metrics.jsonl")
@@ -26,7 +29,7 @@ PROTECTED = ("policy/latest", "policy/step_000000/model.safetensors", "dipo_stat
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     run = make_run(tmp_path_factory.mktemp("hostile") / "base")
-    dipo.save_torch_atomic({"step": 0}, run / "dipo_state.pt")  # an earlier update's state
+    support.distributed.save_torch_atomic({"step": 0}, run / "dipo_state.pt")  # an earlier update's state
     return run
 
 
@@ -169,12 +172,12 @@ def test_a_hostile_run_is_refused_in_one_line_and_nothing_is_written(case, base,
     before = snapshot(run)
     started = time.time()
     with pytest.raises(SystemExit) as exit:
-        common.run_stage(dipo.main, dipo.Config, dipo.__doc__, ["--run", str(run), "--threads", "1"])
+        support.flags.run_stage(dipo.main, dipo.Config, dipo.__doc__, ["--run", str(run), "--threads", "1"])
     assert time.time() - started < 5  # refused, not trained (the 6,000-token case too)
     message = str(exit.value.code)
     assert message.startswith("error: ") and "\n" not in message and says in message, message
     assert snapshot(run) == before
-    assert not (run / "config" / "dipo.json").exists() and not common.policy_dir(run, 1).exists()
+    assert not (run / "config" / "dipo.json").exists() and not support.policy.policy_dir(run, 1).exists()
     assert "Traceback" not in capsys.readouterr().err
 
 
@@ -184,8 +187,8 @@ def test_the_long_response_is_refused_in_bounded_memory(base, tmp_path):
     shutil.copytree(base, run)
     long_response(run)
     code = (
-        "import re, sys, time; sys.path.insert(0, '.'); import common, dipo; t = time.time()\n"
-        f"try: common.run_stage(dipo.main, dipo.Config, '', ['--run', {str(run)!r}, '--threads', '1'])\n"
+        "import re, sys, time; sys.path.insert(0, '.'); import support.flags, dipo; t = time.time()\n"
+        f"try: support.flags.run_stage(dipo.main, dipo.Config, '', ['--run', {str(run)!r}, '--threads', '1'])\n"
         "except SystemExit as e:\n"
         "    peak = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
         "    print(time.time() - t, peak, e.code)"
@@ -202,7 +205,7 @@ def test_one_writer_at_a_time_and_a_killed_holder_frees_the_run(base, tmp_path):
         [
             sys.executable,
             "-c",
-            f"import common, time; common.lock_run({str(run)!r}, 'dipo'); time.sleep(120)",
+            f"import support.rundir, time; support.rundir.lock_run({str(run)!r}, 'dipo'); time.sleep(120)",
         ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -214,14 +217,14 @@ def test_one_writer_at_a_time_and_a_killed_holder_frees_the_run(base, tmp_path):
             time.sleep(0.05)
         before = snapshot(run)
         with pytest.raises(SystemExit) as exit:
-            common.run_stage(dipo.main, dipo.Config, "", ["--run", str(run), "--threads", "1"])
+            support.flags.run_stage(dipo.main, dipo.Config, "", ["--run", str(run), "--threads", "1"])
         assert f"is locked by pid {holder.pid} (dipo)" in str(exit.value.code)
         assert snapshot(run) == before
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert dipo.main(dipo.Config(run=str(run), threads=1)) == 0  # the kernel dropped the dead holder's lock
-    assert common.latest_policy(run)[0] == 1
+    assert support.policy.latest_policy(run)[0] == 1
 
 
 def test_leftovers_of_a_killed_write_are_removed_at_the_next_start(base, tmp_path, capsys):
@@ -239,7 +242,7 @@ def test_leftovers_of_a_killed_write_are_removed_at_the_next_start(base, tmp_pat
 
 
 def test_metrics_never_hold_nan(tmp_path):
-    common.append_metrics(
+    support.rundir.append_metrics(
         tmp_path, {"stage": "x", "a": math.nan, "b": [math.inf, 1.0], "c": {"d": -math.inf}}
     )
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+import support.data
 from conftest import ROOT
 
 MINIMAL = {
@@ -27,7 +27,7 @@ MINIMAL = {
     "ROLLOUT_ARGS": "--num-prompts 3 --group-size 3 --max-new-tokens 8",
     "EVAL_ARGS": "--group-size 2 --max-new-tokens 8",
 }
-RECORD_KEYS = set(common.RECORD_KEYS) | {"question", "ground_truth_answer", "text", "finish"}
+RECORD_KEYS = set(support.data.RECORD_KEYS) | {"question", "ground_truth_answer", "text", "finish"}
 
 
 def demo(run, test_file, **popen):

@@ -12,8 +12,11 @@ import pytest
 import torch
 
 import attention
-import common
 import rollout
+import support.engine
+import support.model
+import support.policy
+import support.row_cache
 from conftest import ROOT, assert_same_records
 
 PROMPT_LENGTHS = [5, 8, 11, 3, 14]  # mixed, including whole blocks (8) and a prompt shorter than a block (3)
@@ -23,7 +26,7 @@ PROMPT_LENGTHS = [5, 8, 11, 3, 14]  # mixed, including whole blocks (8) and a pr
 def stopping_model():
     """The tiny model with a boosted eos row in its LM head, so that some samples stop early
     and some run to the length limit."""
-    model, tokenizer = attention.load_model("tiny", seed=1)
+    model, tokenizer = support.model.load_model("tiny", seed=1)
     with torch.no_grad():
         model.lm_head.weight[tokenizer.eos_token_id] *= 12
     return model.eval(), tokenizer
@@ -96,7 +99,7 @@ def reference_generate(model, prompt, generator, cfg, stop_ids):
 def test_kv_cached_sampler_equals_recompute_everything(stopping_model, strategy):
     model, tokenizer = stopping_model
     cfg = sampler_cfg(strategy=strategy)
-    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)}
+    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(support.model.IM_END)}
     prompts = prompts_of(PROMPT_LENGTHS)
     cached = rollout.generate(model, prompts, generators(len(prompts)), cfg, stop_ids)
     for prompt, gen, got in zip(prompts, generators(len(prompts)), cached):
@@ -121,7 +124,7 @@ def mixed_prompts(n, seed=1):
 def test_batch_of_64_with_mixed_lengths_equals_recompute_everything(stopping_model):
     model, tokenizer = stopping_model
     cfg = sampler_cfg(max_new_tokens=12)
-    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)}
+    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(support.model.IM_END)}
     prompts = mixed_prompts(64)
     cached = rollout.generate(model, prompts, generators(64), cfg, stop_ids)
     for prompt, gen, got in zip(prompts, generators(64), cached):
@@ -228,7 +231,7 @@ def test_evaluation_switches_ban_eos_and_early_stops(stopping_model):
     """DiRL's evaluation protocol: <|endoftext|> never drawn, no stop token in the first
     min_new_tokens positions (the stopping model would otherwise stop early)."""
     model, tokenizer = stopping_model
-    eos, im_end = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)
+    eos, im_end = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(support.model.IM_END)
     prompts = prompts_of(PROMPT_LENGTHS)
     plain = rollout.generate(
         model, prompts, generators(len(prompts)), sampler_cfg(max_new_tokens=24), {eos, im_end}
@@ -251,8 +254,10 @@ def test_evaluation_switches_ban_eos_and_early_stops(stopping_model):
 
 
 def test_compaction_moves_only_the_rows_that_fill_gaps():
-    assert rollout.compaction_order([True, False, True, True, False, True]) == [0, 5, 2, 3]
-    assert rollout.compaction_order([False, False]) == [] and rollout.compaction_order([True, True]) == [0, 1]
+    assert support.row_cache.compaction_order([True, False, True, True, False, True]) == [0, 5, 2, 3]
+    assert support.row_cache.compaction_order([False, False]) == [] and support.row_cache.compaction_order(
+        [True, True]
+    ) == [0, 1]
 
 
 def test_commit_rules():
@@ -302,8 +307,8 @@ def test_sample_tokens_filters_and_reports_the_unfiltered_logprob():
 def run_dir(stopping_model, tmp_path_factory):
     model, tokenizer = stopping_model
     run = tmp_path_factory.mktemp("run")
-    attention.save_checkpoint(model, tokenizer, common.policy_dir(run, 3))
-    common.publish_policy(run, 3)
+    support.model.save_checkpoint(model, tokenizer, support.policy.policy_dir(run, 3))
+    support.policy.publish_policy(run, 3)
     return run
 
 
@@ -351,7 +356,7 @@ def test_every_recorded_logprob_is_the_models_in_the_state_its_step_map_implies(
             logp = torch.log_softmax(logits[0, pos].float(), -1)[token].item()
             assert logp == pytest.approx(r["logprobs"][t], abs=1e-4)
         stop = rollout.stop_index(
-            response, {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)}
+            response, {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(support.model.IM_END)}
         )
         assert r["text"] == tokenizer.decode(response[:stop])
         assert r["finish"] == ("stop" if stop < len(response) else "length")
@@ -395,8 +400,8 @@ def test_bad_inputs_are_refused(run_dir, tmp_path):
     mismatch = run_rollout(["--run", run_dir, "--block-size", 8, "--out", tmp_path / "o.jsonl"])
     assert mismatch.returncode != 0 and "--block-size 8 differs from the checkpoint's 4" in mismatch.stderr
     no_mask = tmp_path / "no_mask"
-    model, tokenizer = attention.load_model("tiny")
-    attention.save_checkpoint(model, tokenizer, no_mask)
+    model, tokenizer = support.model.load_model("tiny")
+    support.model.save_checkpoint(model, tokenizer, no_mask)
     tok_json = (no_mask / "tokenizer.json").read_text().replace("<|MASK|>", "<|FOO|>")
     (no_mask / "tokenizer.json").write_text(tok_json)
     refused = run_rollout(["--policy", no_mask, "--out", tmp_path / "o.jsonl"])
@@ -457,7 +462,7 @@ def test_lmdeploy_settings_follow_our_flags():
         dtype="bfloat16",
         tp=2,
     )
-    engine, generation = rollout.lmdeploy_settings(cfg, block_size=4)
+    engine, generation = support.engine.lmdeploy_settings(cfg, block_size=4)
     assert engine == {
         "dllm_block_length": 4,
         "dllm_unmasking_strategy": "low_confidence_dynamic",
@@ -478,33 +483,33 @@ def test_lmdeploy_settings_follow_our_flags():
         "sequential",
         2,
     )  # ours commits one token per step: LMDeploy's with b steps
-    assert rollout.lmdeploy_settings(cfg, 4)[0]["dllm_denoising_steps"] == 4
+    assert support.engine.lmdeploy_settings(cfg, 4)[0]["dllm_denoising_steps"] == 4
     cfg.strategy, cfg.temperature = "low_confidence_static", 0.0
-    engine, generation = rollout.lmdeploy_settings(cfg, 4)
+    engine, generation = support.engine.lmdeploy_settings(cfg, 4)
     assert engine["dllm_denoising_steps"] == 2 and not generation["do_sample"]
     cfg.min_new_tokens, cfg.ban_eos = 128, True  # DiRL's evaluation switches
     assert {
         k: v
-        for k, v in rollout.lmdeploy_settings(cfg, 4, eos_id=7)[1].items()
+        for k, v in support.engine.lmdeploy_settings(cfg, 4, eos_id=7)[1].items()
         if k in ("min_new_tokens", "bad_token_ids")
     } == {"min_new_tokens": 128, "bad_token_ids": [7]}
     cfg.denoising_steps = 3  # LMDeploy's quota is b // steps: a remainder would not be split as ours is
     with pytest.raises(ValueError, match="must divide the block size"):
-        rollout.lmdeploy_settings(cfg, 4)
+        support.engine.lmdeploy_settings(cfg, 4)
     with pytest.raises(ValueError, match="bfloat16"):
-        rollout.lmdeploy_settings(rollout.Config(dtype="float32"), 4)
+        support.engine.lmdeploy_settings(rollout.Config(dtype="float32"), 4)
 
 
 def test_engine_step_counters_become_in_block_step_maps():
     # prompt of 5 tokens, block 4: response positions 5-7 end block 1, 8-11 are block 2; the
     # engine's counter runs on across blocks and starts anywhere
     lps = [{t: -0.1 * t, 99: -5.0} for t in (10, 11, 12, 13, 14, 15, 16)]
-    ids, steps, logprobs, finish = rollout.record_from_engine(
+    ids, steps, logprobs, finish = support.engine.record_from_engine(
         5, [10, 11, 12, 13, 14, 15, 16], [2, 1, 1, 3, 4, 4, 5], lps, "stop", 4
     )
     assert ids == [10, 11, 12, 13, 14, 15, 16] and steps == [1, 0, 0, 0, 1, 1, 2] and finish == "stop"
     assert logprobs == pytest.approx([-1.0, -1.1, -1.2, -1.3, -1.4, -1.5, -1.6])
-    assert rollout.record_from_engine(5, [10, 11], [7, 7], None, "length", 4)[1:3] == ([0, 0], None)
+    assert support.engine.record_from_engine(5, [10, 11], [7, 7], None, "length", 4)[1:3] == ([0, 0], None)
     for args, message in (
         ((5, [10, 11, 12], [1, 3, 3], None, "stop", 4), "not consecutive"),  # a step that unmasked nothing
         ((5, [10, 11], [1], None, "stop", 4), "step_map entries"),
@@ -512,7 +517,7 @@ def test_engine_step_counters_become_in_block_step_maps():
         ((5, [10], [1], None, "abort", 4), "finish_reason"),
     ):
         with pytest.raises(ValueError, match=message):
-            rollout.record_from_engine(*args)
+            support.engine.record_from_engine(*args)
 
 
 def test_engine_logprobs_are_checked_against_ours(run_dir, stopping_model, tmp_path):
@@ -529,17 +534,17 @@ def test_engine_logprobs_are_checked_against_ours(run_dir, stopping_model, tmp_p
         )
     )
     records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
-    check = rollout.check_engine_logprobs(model, records, sample_size=100)
+    check = support.engine.check_engine_logprobs(model, records, sample_size=100)
     assert check["engine_logprobs"] and check["engine_mismatch_records"] == len(records)
     assert check["engine_mismatch_max"] < 1e-4  # our own sampler's logprobs: the same model, the same states
     records[1]["logprobs"][0] += 0.5
-    assert rollout.check_engine_logprobs(model, records, 100)["engine_mismatch_max"] == pytest.approx(
+    assert support.engine.check_engine_logprobs(model, records, 100)["engine_mismatch_max"] == pytest.approx(
         0.5, abs=1e-4
     )
     wanted = [r["logprobs"] for r in records[2:]]
     for r in records[2:]:
         r["logprobs"] = None  # an engine that gives none: every record is re-scored by our model
-    assert rollout.check_engine_logprobs(model, records[2:], 100) == {"engine_logprobs": False}
+    assert support.engine.check_engine_logprobs(model, records[2:], 100) == {"engine_logprobs": False}
     for want, r in zip(wanted, records[2:]):
         assert r["logprobs"] == pytest.approx(want, abs=1e-4)
 
@@ -572,7 +577,7 @@ def run_with_fake_lmdeploy(args, **env):
 
 def test_lmdeploy_engine_path_writes_our_records(run_dir, tmp_path, stopping_model):
     _, tokenizer = stopping_model
-    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(attention.IM_END)}
+    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(support.model.IM_END)}
     args = [
         "--run",
         run_dir,
@@ -734,8 +739,10 @@ def test_dynamic_sampling_continues_the_stream_and_resumes_byte_identical(run_di
         if m["stage"] == "rollout"
     ]
     assert {"prompts_sampled", "groups_kept", "rounds", "shortfall", "seconds"} <= set(line[-1])
-    shutil.copytree(common.policy_dir(run, 3), common.policy_dir(run, 4))  # the next policy step
-    common.publish_policy(run, 4)
+    shutil.copytree(
+        support.policy.policy_dir(run, 3), support.policy.policy_dir(run, 4)
+    )  # the next policy step
+    support.policy.publish_policy(run, 4)
     rollout.main(rollout.Config(**cfg))
     second = json.loads((run / "rollouts" / "step_000004.stream.json").read_text())
     assert second["start"] == first["end"]  # the stream goes on after the prompts step 3 consumed

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from common import parse_config
 from conftest import ROOT
+from support.flags import parse_config
 
 SCRIPTS = sorted(p.name for p in ROOT.glob("*.py")) + ["data/arithmetic.py"]
 
@@ -40,23 +40,33 @@ def test_shipped_configs_name_only_known_fields(config):
 
 
 def test_no_stage_imports_another_stage():
-    """The stages talk through files: sft, rollout and dipo import attention and common only
-    (rollout also eval's grader); eval, attention and common import no stage."""
+    """The stages talk through files: sft, rollout and dipo import attention and support/ only
+    (rollout also eval's grader); eval, attention and the support modules import no stage but
+    attention."""
     import ast
 
-    stages = {"sft", "rollout", "dipo", "eval"}
-    allowed = {"rollout": {"eval"}}
-    for name in ("sft", "rollout", "dipo", "eval", "attention", "common"):
-        tree = ast.parse((ROOT / f"{name}.py").read_text())
+    stages = {"sft", "rollout", "dipo", "eval", "attention"}
+    allowed = {"sft": {"attention"}, "rollout": {"attention", "eval"}, "dipo": {"attention"}}
+    modules = {name: ROOT / f"{name}.py" for name in ("sft", "rollout", "dipo", "eval", "attention")}
+    modules.update({f"support.{p.stem}": p for p in (ROOT / "support").glob("*.py")})
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        top = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
         imported = {
-            alias.name.split(".")[0]
-            for node in ast.walk(tree)
-            if isinstance(node, ast.Import)
-            for alias in node.names
+            alias.name.split(".")[0] for node in top if isinstance(node, ast.Import) for alias in node.names
         }
         imported |= {
-            node.module.split(".")[0]
-            for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom) and node.module
+            node.module.split(".")[0] for node in top if isinstance(node, ast.ImportFrom) and node.module
         }
-        assert imported & stages <= allowed.get(name, set()), (name, imported & stages)
+        may = allowed.get(name, {"attention"} if name.startswith("support.") else set())
+        assert imported & stages <= may, (name, imported & stages)
+
+
+def test_the_top_level_holds_the_five_stages_only():
+    assert sorted(p.name for p in ROOT.glob("*.py")) == [
+        "attention.py",
+        "dipo.py",
+        "eval.py",
+        "rollout.py",
+        "sft.py",
+    ]

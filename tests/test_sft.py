@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import attention
-import common
 import sft
+import support.model
+import support.policy
 from conftest import ROOT
 
 MASK, PAD = 3, 0
@@ -75,7 +75,7 @@ def grads(model):
 
 
 def test_gradient_is_the_same_for_one_batch_or_micro_batches_of_one():
-    model, tok = attention.load_model("tiny")
+    model, tok = support.model.load_model("tiny")
     cfg = sft.Config(row_len=128)
     docs, _ = sft.load_documents(ROOT / "data/arith_sft.jsonl", tok, "", 4, 256, "skip")
     docs, positions = docs[:6], list(range(6))
@@ -92,7 +92,7 @@ def test_gradient_is_the_same_for_one_batch_or_micro_batches_of_one():
 
 
 def test_documents_are_padded_to_blocks_and_overlong_ones_counted(tmp_path):
-    _, tok = attention.load_model("tiny")
+    _, tok = support.model.load_model("tiny")
     data = tmp_path / "d.jsonl"
     data.write_text(
         json.dumps({"prompt": "1+1", "response": "2"})
@@ -166,9 +166,9 @@ def test_a_short_run_writes_a_checkpoint_that_loads(tmp_path):
     out = run_sft(sft_args(tmp_path, "a") + ["--log-every", 10])
     assert out.returncode == 0, out.stderr
     run = tmp_path / "a"
-    step, policy = common.latest_policy(run)
+    step, policy = support.policy.latest_policy(run)
     assert step == 0 and policy == run / "policy" / "step_000000"
-    model, _ = attention.load_model(str(policy))
+    model, _ = support.model.load_model(str(policy))
     assert model.config.block_size == 4 and model.config.instruction == ""
     lines = metrics(run)
     assert [m["step"] for m in lines if "loss" in m] == [10, 20, 30] and all(

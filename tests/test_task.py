@@ -6,7 +6,7 @@ import subprocess
 import sys
 from fractions import Fraction
 
-import attention
+import support.model
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "data"))
@@ -99,8 +99,8 @@ def test_too_small_problem_space_is_an_error():
 
 
 def test_tokenizer_roundtrips_every_string_of_the_task():
-    tokenizer = attention.build_char_tokenizer()
-    unknown = tokenizer.convert_tokens_to_ids(attention.EOS_TOKEN)
+    tokenizer = support.model.build_char_tokenizer()
+    unknown = tokenizer.convert_tokens_to_ids(support.model.EOS_TOKEN)
     texts = []
     for split in SPLITS:
         for row in read(ROOT / "data" / f"arith_{split}.jsonl"):
@@ -109,7 +109,7 @@ def test_tokenizer_roundtrips_every_string_of_the_task():
                 {"role": "user", "content": question},
                 {"role": "assistant", "content": row.get("response", row["ground_truth_answer"])},
             ]
-            texts.append(attention.render_chat(messages))
+            texts.append(support.model.render_chat(messages))
     for text in texts:
         ids = tokenizer(text)["input_ids"]
         assert tokenizer.decode(ids) == text
@@ -117,7 +117,9 @@ def test_tokenizer_roundtrips_every_string_of_the_task():
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": "1+2"}], tokenize=False, add_generation_prompt=True
     )
-    assert rendered == attention.render_chat([{"role": "user", "content": "1+2"}], add_generation_prompt=True)
-    special = [tokenizer.convert_tokens_to_ids(t) for t in attention.SPECIAL_TOKENS]
+    assert rendered == support.model.render_chat(
+        [{"role": "user", "content": "1+2"}], add_generation_prompt=True
+    )
+    special = [tokenizer.convert_tokens_to_ids(t) for t in support.model.SPECIAL_TOKENS]
     assert tokenizer("<|im_start|>user\n<|MASK|><|im_end|>")["input_ids"][0] == special[1]
     assert len(set(special)) == 4 and tokenizer.eos_token_id == tokenizer.pad_token_id == special[0]

@@ -45,20 +45,20 @@ class pipeline:
         import json
         from pathlib import Path
 
-        import attention
+        import support.model
 
         assert json.loads((Path(path) / "config.json").read_text())["architectures"] == ["SDARForCausalLM"]
-        self.model, self.tokenizer = attention.load_model(path)
+        self.model, self.tokenizer = support.model.load_model(path)
         self.engine = backend_config
         assert backend_config.dllm_block_length == self.model.config.block_size
 
     def __call__(self, texts, gen_config, do_preprocess=True):
-        import attention
+        import support.model
         import rollout
 
         assert not do_preprocess
         e = self.engine
-        stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids(attention.IM_END)}
+        stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids(support.model.IM_END)}
         responses = []
         for text, g in zip(texts, gen_config):
             if e.dllm_unmasking_strategy == "sequential":

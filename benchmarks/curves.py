@@ -1,0 +1,103 @@
+"""Learning curves: the loop's wall time per policy step (loop_minutes), and a plot of
+training reward and held-out accuracy against DiPO step and loop minutes, one line per run,
+from the runs' metrics.jsonl. Analysis, not a stage: matplotlib is needed here only.
+
+    python benchmarks/curves.py OUT.png runs/seed0 runs/seed1 [--steps N]
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from support.data import read_records  # noqa: E402
+
+
+def loop_minutes(lines):
+    """{policy step: loop minutes to produce it} from a run's metrics.jsonl lines: the wall
+    time of rollout.py and dipo.py only. Step k runs from the last line written before its
+    rollout's start line (so Python's start-up counts) to dipo's line for k; held-out
+    evaluations write their lines before that point and are left out. A gap before a rollout
+    longer than twice the median one (a loop stopped and started again later) counts as
+    twice the median."""
+    steps, before, start = [], lines[0]["time"] if lines else 0.0, None
+    for r in lines:
+        if r.get("stage") == "rollout" and r.get("event") == "start":
+            start = (before, r["time"])
+        elif r.get("stage") == "dipo" and "step" in r and "event" not in r and start:
+            steps.append((r["step"], start[1] - start[0], r["time"] - start[1]))
+            start = None
+        before = r["time"]
+    if not steps:
+        return {0: 0.0}
+    cap = 2 * sorted(gap for _, gap, _ in steps)[len(steps) // 2]
+    minutes, total = {0: 0.0}, 0.0
+    for step, gap, work in steps:
+        total += min(gap, cap) + work
+        minutes[step] = total / 60
+    return minutes
+
+
+def plot_runs(runs, out, max_step=0):
+    """Training reward and held-out avg@k against DiPO step and against loop minutes
+    (loop_minutes), one line per run, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        lines = [r for _, r in read_records(Path(run) / "metrics.jsonl")]
+        lines = [r for r in lines if not max_step or r.get("step", 0) <= max_step]
+        loop = [r for r in lines if r.get("stage") == "rollout" and "reward" in r]
+        if not loop:
+            raise ValueError(f"{run}: no rollout lines in metrics.jsonl")
+        minutes = loop_minutes(lines)
+        held_out = sorted(
+            (r for r in lines if r.get("stage") == "eval" and r["step"] in minutes), key=lambda r: r["step"]
+        )
+        k = next((key for key in held_out[0] if key.startswith("avg@")), None) if held_out else None
+        smooth = [
+            sum(r["reward"] for r in loop[max(0, i - 4) : i + 1]) / min(i + 1, 5) for i in range(len(loop))
+        ]
+        for ax, x in zip(axes, ("step", "minutes")):  # a policy's minute is when dipo wrote it
+            at = (lambda step: step) if x == "step" else (lambda step: minutes.get(step, 0.0))
+            name = Path(run).name
+            trained = ax.plot(
+                [at(r["step"]) for r in loop],
+                smooth,
+                alpha=0.5,
+                label=f"{name}: training reward (mean of 5 steps)",
+            )
+            if k:
+                held = ([at(r["step"]) for r in held_out], [r[k] for r in held_out])
+                ax.plot(*held, "o-", color=trained[0].get_color(), label=f"{name}: held-out {k}")
+            ax.set_xlabel(
+                "DiPO step" if x == "step" else "loop minutes (rollout.py + dipo.py; evaluations left out)"
+            )
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = f"{out}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("out", help="the PNG to write")
+    parser.add_argument("runs", nargs="+", help="run directories")
+    parser.add_argument("--steps", type=int, default=0, help="only DiPO steps up to N (default: 0 = all)")
+    args = parser.parse_args()
+    try:
+        plot_runs(args.runs, args.out, args.steps)
+    except ImportError:
+        sys.exit("error: the plot needs matplotlib (pip install matplotlib)")
+    except (OSError, ValueError, KeyError, StopIteration) as e:
+        sys.exit(f"error: {e!r}")
+    print(f"wrote {args.out}")

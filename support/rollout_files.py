@@ -1,0 +1,72 @@
+"""rollout.py's files: where a policy step's rollouts go, where its prompts start in the
+stream (the .stream.json that --dynamic-sampling leaves beside the step before), and the
+rollout file itself with its metrics line. Used by rollout.py.
+"""
+
+import json
+from pathlib import Path
+
+from support import rundir
+from support.data import forwards_of, is_int
+from support.policy import latest_policy
+
+
+def output_path(cfg):
+    """(policy step, policy dir, output file) for this call."""
+    if cfg.policy:
+        if not cfg.out:
+            raise ValueError("--policy needs --out (the run's rollout files belong to its own latest policy)")
+        name = Path(cfg.policy).name
+        step = int(name[len("step_") :]) if name.startswith("step_") and name[len("step_") :].isdigit() else 0
+        return step, Path(cfg.policy), Path(cfg.out)
+    step, policy = latest_policy(cfg.run)
+    return step, policy, Path(cfg.out) if cfg.out else Path(cfg.run) / "rollouts" / f"step_{step:06d}.jsonl"
+
+
+def stream_start(cfg, step, out):
+    """Where this step's prompts start in the stream: where the previous step's rounds stopped
+    (its step_<k-1>.stream.json beside the rollouts), else at step x num_prompts."""
+    previous = out.with_name(f"step_{step - 1:06d}.stream.json")
+    if cfg.policy or cfg.out or step == 0 or not previous.is_file():
+        return step * cfg.num_prompts
+    try:
+        end = json.loads(previous.read_text())["end"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        end = None
+    if not is_int(end) or end < 0:
+        raise ValueError(
+            f"{previous}: end: not a stream position; delete it to restart at step x --num-prompts"
+        )
+    return end
+
+
+def batch_summary(records, seconds):
+    """The metrics line's numbers for a rollout file."""
+    n = max(1, len(records))
+    new_tokens = sum(len(r["response_ids"]) for r in records)
+    return {
+        "reward": sum(r["reward"] for r in records) / n,
+        "response_tokens": new_tokens / n,
+        "tokens_per_forward": new_tokens / max(1, sum(forwards_of(r) for r in records)),
+        "truncated": sum(r["finish"] == "length" for r in records) / n,
+        "seconds": seconds,
+        "tokens_per_s": new_tokens / seconds,
+    }
+
+
+def write_rollouts(cfg, out, step, records, stream, engine_check, seconds):
+    """The rollout file (the commit point), after its metrics line, and with --dynamic-sampling
+    the stream positions the next step starts from."""
+    summary = {"stage": "rollout", "step": step, **batch_summary(records, seconds), **engine_check}
+    if stream is not None:  # what the rounds cost, and the shortfall; the next step starts at "end"
+        summary.update(stream, shortfall=cfg.num_prompts - stream["groups_kept"])
+        rundir.write_atomic(out.with_name(f"{out.stem}.stream.json"), json.dumps(stream) + "\n")
+    if not cfg.policy:  # before the file (the commit point): a kill in between repeats the line
+        rundir.append_metrics(cfg.run, summary)
+    rundir.write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
+    print(
+        f"rollout step {step}: {len(records)} responses to {len({r['prompt_id'] for r in records})} prompts "
+        f"-> {out} | reward {summary['reward']:.3f} | {summary['response_tokens']:.1f} tokens/response | "
+        f"{summary['tokens_per_forward']:.2f} tokens/forward | truncated {summary['truncated']:.1%} | "
+        f"{summary['seconds']:.1f} s"
+    )

@@ -54,15 +54,14 @@ from support.flags import flag, run_stage
 from support.model import load_model
 
 NOTHING_TO_LEARN = 3
+NORMS, ESTIMATORS = ("token", "sequence"), ("dipo", "exact")
 
 
 @dataclass
 class Config:
     run: str = flag("runs/arith", "run directory (layout: docs/design.md)")
     lr: float = flag(1e-4, "AdamW learning rate (constant after --warmup-steps)")
-    warmup_steps: int = flag(
-        0, "linear lr warmup over the first N updates, by policy step, then constant (DiRL's RL config: 10)"
-    )
+    warmup_steps: int = flag(0, "linear lr warmup over the first N updates, by policy step (DiRL's RL: 10)")
     weight_decay: float = flag(0.0, "AdamW weight decay")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)")
     clip_low: float = flag(0.2, "PPO clip: ratio >= 1 - clip_low")
@@ -70,9 +69,7 @@ class Config:
     beta: float = flag(0.0, "weight of the k3 KL penalty to the reference policy")
     ref: str = flag("", "reference policy dir for --beta > 0 (default: runs/<run>/policy/step_000000)")
     loss_norm: str = flag(
-        "token",
-        "'token': sum / tokens in the minibatch; 'sequence': mean over responses of their token mean",
-        choices=("token", "sequence"),
+        "token", "minibatch loss: sum / tokens, or the mean of each response's mean", choices=NORMS
     )
     dapo_filter: bool = flag(
         True,
@@ -83,10 +80,10 @@ class Config:
     minibatches: int = flag(8, "optimizer steps per pass (1 = DiRL's single on-policy step)")
     micro_batch_size: int = flag(16, "responses per forward")
     max_len: int = flag(
-        0, "longest prompt + response accepted; longer records are refused (0 = max_position_embeddings)"
+        0, "longest prompt + response accepted, longer is refused (0 = max_position_embeddings)"
     )
     row_len: int = flag(
-        256, "tokens per packed row (a response with all its rounds larger than this gets a row of its own)"
+        256, "tokens per packed row (a response whose rounds need more gets a row of its own)"
     )
     dtype: str = flag("float32", "compute dtype (bfloat16: autocast)", choices=tuple(distributed.DTYPES))
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass to save memory")
@@ -94,9 +91,8 @@ class Config:
     attn: str = flag("auto", "attention backend: auto (flex on CUDA, else sdpa), flex, sdpa, eager")
     estimator: str = flag(
         "dipo",
-        "'dipo' (the paper's: committed tokens' logprobs) or 'exact' (adds the commit rule's "
-        "selection factor and scores under the sampling distribution; support/exact.py)",
-        choices=("dipo", "exact"),
+        "the paper's, or exact: also the commit rule's selection factor (support/exact.py)",
+        choices=ESTIMATORS,
     )
     diagnostics: bool = flag(
         False,
@@ -324,9 +320,8 @@ def main(cfg):
 
     # the rollouts of step k, and the policy that sampled them (checked before anything is written)
     model, tokenizer = load_model(str(policy_path), dtype=torch.float32, device=device, attn=cfg.attn)
-    records = read_rollouts(
-        run / "rollouts" / f"step_{policy_step:06d}.jsonl", policy_step, model.config, cfg.max_len
-    )
+    rollouts = run / "rollouts" / f"step_{policy_step:06d}.jsonl"
+    records = read_rollouts(rollouts, policy_step, model.config, cfg.max_len)
     exact = ExactEstimator(records) if cfg.estimator == "exact" else None
     if rank == 0:
         rundir.record_invocation(run, "dipo", cfg)
@@ -338,10 +333,8 @@ def main(cfg):
     trainable = [i for i, a in enumerate(adv) if a != 0.0] if cfg.dapo_filter else list(range(len(records)))
     if not any(adv[i] for i in trainable):  # nothing to learn: step k+1 is step k's weights
         if rank == 0:
-            carried = {**(state or {}), "step": new_step}
-            policy.commit_policy_step(
-                run, new_step, model, tokenizer, None, {**log, "updated": False}, carried
-            )
+            log, carried = {**log, "updated": False}, {**(state or {}), "step": new_step}
+            policy.commit_policy_step(run, new_step, model, tokenizer, None, log, carried)
             print(f"dipo step {new_step}: no group has a learning signal; policy carried over unchanged")
         return NOTHING_TO_LEARN
     records, adv = [records[i] for i in trainable], torch.tensor([adv[i] for i in trainable])

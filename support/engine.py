@@ -34,22 +34,12 @@ def lmdeploy_settings(cfg, block_size, eos_id=None):
         raise ValueError(
             "--engine lmdeploy computes in bfloat16 (or float16), not float32: pass --dtype bfloat16"
         )
-    engine = {
-        "dllm_block_length": block_size,
-        "dllm_unmasking_strategy": cfg.strategy,
-        "dllm_denoising_steps": steps,
-        "dllm_confidence_threshold": cfg.threshold,
-        "dtype": "bfloat16",
-        "tp": cfg.tp,
-    }
-    generation = {
-        "do_sample": cfg.temperature > 0,
-        "temperature": cfg.temperature,
-        "top_k": cfg.top_k,
-        "top_p": cfg.top_p,
-        "max_new_tokens": cfg.max_new_tokens,
-        "logprobs": 1,
-    }
+    engine = dict(
+        dllm_block_length=block_size, dllm_unmasking_strategy=cfg.strategy, dllm_denoising_steps=steps
+    )
+    engine.update(dllm_confidence_threshold=cfg.threshold, dtype="bfloat16", tp=cfg.tp)
+    generation = dict(do_sample=cfg.temperature > 0, temperature=cfg.temperature, top_k=cfg.top_k)
+    generation.update(top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, logprobs=1)
     if cfg.min_new_tokens > 0:
         generation["min_new_tokens"] = cfg.min_new_tokens
     if cfg.ban_eos:

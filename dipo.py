@@ -60,13 +60,15 @@ NORMS, ESTIMATORS = ("token", "sequence"), ("dipo", "exact")
 @dataclass
 class Config:
     run: str = flag("runs/arith", "run directory (layout: docs/design.md)")
-    lr: float = flag(1e-4, "AdamW learning rate (constant after --warmup-steps)")
-    warmup_steps: int = flag(0, "linear lr warmup over the first N updates, by policy step (DiRL's RL: 10)")
-    weight_decay: float = flag(0.0, "AdamW weight decay")
-    grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)")
-    clip_low: float = flag(0.2, "PPO clip: ratio >= 1 - clip_low")
-    clip_high: float = flag(0.28, "PPO clip: ratio <= 1 + clip_high (DAPO's clip-higher)")
-    beta: float = flag(0.0, "weight of the k3 KL penalty to the reference policy")
+    lr: float = flag(1e-4, "AdamW learning rate (constant after --warmup-steps)", above=0)
+    warmup_steps: int = flag(
+        0, "linear lr warmup over the first N updates, by policy step (DiRL's RL: 10)", low=0
+    )
+    weight_decay: float = flag(0.0, "AdamW weight decay", low=0)
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)", low=0)
+    clip_low: float = flag(0.2, "PPO clip: ratio >= 1 - clip_low", low=0, high=1)
+    clip_high: float = flag(0.28, "PPO clip: ratio <= 1 + clip_high (DAPO's clip-higher)", low=0)
+    beta: float = flag(0.0, "weight of the k3 KL penalty to the reference policy", low=0)
     ref: str = flag("", "reference policy dir for --beta > 0 (default: runs/<run>/policy/step_000000)")
     loss_norm: str = flag(
         "token", "minibatch loss: sum / tokens, or the mean of each response's mean", choices=NORMS
@@ -76,19 +78,21 @@ class Config:
         "drop groups whose rewards are all equal: zero advantage, so no gradient with --beta 0, "
         "only compute (--no-dapo-filter keeps them in the token count)",
     )
-    ppo_epochs: int = flag(1, "passes over the rollouts")
-    minibatches: int = flag(8, "optimizer steps per pass (1 = DiRL's single on-policy step)")
-    micro_batch_size: int = flag(16, "responses per forward")
+    ppo_epochs: int = flag(1, "passes over the rollouts", low=1)
+    minibatches: int = flag(8, "optimizer steps per pass (1 = DiRL's single on-policy step)", low=1)
+    micro_batch_size: int = flag(16, "responses per forward", low=1)
     max_len: int = flag(
-        0, "longest prompt + response accepted, longer is refused (0 = max_position_embeddings)"
+        0, "longest prompt + response accepted, longer is refused (0 = max_position_embeddings)", low=0
     )
     row_len: int = flag(
-        256, "tokens per packed row (a response whose rounds need more gets a row of its own)"
+        256, "tokens per packed row (a response whose rounds need more gets a row of its own)", low=1
     )
     dtype: str = flag("float32", "compute dtype (bfloat16: autocast)", choices=tuple(distributed.DTYPES))
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass to save memory")
     device: str = flag("auto", "auto (cuda if present), cpu or cuda")
-    attn: str = flag("auto", "attention backend: auto (flex on CUDA, else sdpa), flex, sdpa, eager")
+    attn: str = flag(
+        "auto", "attention backend (auto: flex on CUDA, else sdpa)", choices=("auto", *attention.BACKENDS)
+    )
     estimator: str = flag(
         "dipo",
         "the paper's, or exact: also the commit rule's selection factor (support/exact.py)",
@@ -101,7 +105,7 @@ class Config:
         "two backwards more per micro-batch)",
     )
     seed: int = flag(0, "seed of the minibatch shuffle")
-    threads: int = flag(0, "torch CPU threads (0 = torch's default)")
+    threads: int = flag(0, "torch CPU threads (0 = torch's default)", low=0)
 
 
 # ----------------------------------------------------------------------------- the math

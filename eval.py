@@ -61,8 +61,8 @@ class Config:
     run: str = flag(
         "", 'also append the numbers to RUN/metrics.jsonl as {"stage": "eval"} lines (\'\' = off)'
     )
-    workers: int = flag(1, "grading processes")
-    timeout: float = flag(DEFAULT_TIMEOUT, "seconds allowed per check")
+    workers: int = flag(1, "grading processes", low=1)
+    timeout: float = flag(DEFAULT_TIMEOUT, "seconds allowed per check", above=0)
     answer_format: str = flag(
         "boxed", "where the answer is: the last \\boxed{} or '#### x'", choices=("boxed", "gsm8k")
     )

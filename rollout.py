@@ -75,31 +75,48 @@ class Config:
     policy: str = flag("", "sample this checkpoint dir instead of the run's latest (needs --out)")
     out: str = flag("", "write here instead of runs/<run>/rollouts/step_<k>.jsonl")
     data: str = flag("data/arith_rl.jsonl", "prompt file (JSON list or JSONL)")
-    num_prompts: int = flag(128, "prompts per call, in a seeded order that moves on with each step; 0 = all")
-    group_size: int = flag(8, "responses sampled per prompt (G)")
-    batch_size: int = flag(256, "sequences sampled together; a finished one makes room for the next")
+    num_prompts: int = flag(
+        128, "prompts per call, in a seeded order that moves on with each step; 0 = all", low=0
+    )
+    group_size: int = flag(8, "responses sampled per prompt (G)", low=1)
+    batch_size: int = flag(
+        256, "sequences sampled together (0 = all); a finished one makes room for the next", low=0
+    )
     strategy: str = flag("low_confidence_dynamic", "commit rule (the docstring above)", choices=STRATEGIES)
-    threshold: float = flag(0.9, "low_confidence_dynamic: commit every token at least this confident")
-    denoising_steps: int = flag(4, "low_confidence_static: steps per block")
-    temperature: float = flag(1.0, "sampling temperature (0 = greedy)")
-    top_k: int = flag(0, "keep the k most likely tokens (0 = all)")
-    top_p: float = flag(1.0, "keep the smallest set of tokens with this much probability")
-    max_new_tokens: int = flag(96, "stop at the first block boundary at or past this many response tokens")
-    block_size: int = flag(0, "must equal the checkpoint's block size if given (0 = the checkpoint's)")
+    threshold: float = flag(
+        0.9,
+        "low_confidence_dynamic: commit every token at least this confident",
+        above=0,
+        high=1,
+        when=lambda c: c.strategy == "low_confidence_dynamic",
+    )
+    denoising_steps: int = flag(
+        4,
+        "low_confidence_static: steps per block",
+        low=1,
+        when=lambda c: c.strategy == "low_confidence_static",
+    )
+    temperature: float = flag(1.0, "sampling temperature (0 = greedy)", low=0)
+    top_k: int = flag(0, "keep the k most likely tokens (0 = all)", low=0)
+    top_p: float = flag(1.0, "keep the smallest set of tokens with this much probability", above=0, high=1)
+    max_new_tokens: int = flag(
+        96, "stop at the first block boundary at or past this many response tokens", low=1
+    )
+    block_size: int = flag(0, "must equal the checkpoint's block size if given (0 = the checkpoint's)", low=0)
     instruction: str = flag("auto", "sentence appended to questions; 'auto' = the checkpoint's")
     answer_format: str = flag("boxed", "how the grader reads answers", choices=("boxed", "gsm8k"))
     ban_eos: bool = flag(
         False, "evaluation only (DiRL's protocol): never sample <|endoftext|>; dipo.py refuses"
     )
     min_new_tokens: int = flag(
-        0, "evaluation only (DiRL's: 128): no stop token in the first N; dipo.py refuses"
+        0, "evaluation only (DiRL's: 128): no stop token in the first N; dipo.py refuses", low=0
     )
     engine: str = flag(
         "torch", "this sampler, or lmdeploy (CUDA, with step maps)", choices=("torch", "lmdeploy")
     )
-    tp: int = flag(1, "--engine lmdeploy: tensor-parallel GPUs for the engine")
+    tp: int = flag(1, "--engine lmdeploy: tensor-parallel GPUs for the engine", low=1)
     rescore: int = flag(
-        64, "--engine lmdeploy: records our model re-scores for the engine-trainer logprob gap"
+        64, "--engine lmdeploy: records our model re-scores for the engine-trainer logprob gap", low=0
     )
     device: str = flag("auto", "auto (cuda if present), cpu or cuda")
     dtype: str = flag("float32", "compute dtype", choices=tuple(distributed.DTYPES))
@@ -111,10 +128,13 @@ class Config:
         "sampling, as train/rollout_dapo_server.py in OpenMOSS/DiRL)",
     )
     max_sample_rounds: int = flag(
-        6, "--dynamic-sampling: at most this many rounds, then the file holds what was kept"
+        6,
+        "--dynamic-sampling: at most this many rounds, then the file holds what was kept",
+        low=1,
+        when=lambda c: c.dynamic_sampling,
     )
     force: bool = flag(False, "overwrite an existing output file")
-    threads: int = flag(0, "torch CPU threads (0 = torch's default)")
+    threads: int = flag(0, "torch CPU threads (0 = torch's default)", low=0)
 
 
 # ----------------------------------------------------------------------------- the math

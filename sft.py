@@ -64,35 +64,39 @@ class Config:
         "data/arith_sft.jsonl", "SFT data: JSON list or JSONL of {messages} or {prompt, response}"
     )
     run: str = flag("runs/arith", "run directory (created); its layout: docs/design.md")
-    steps: int = flag(2000, "optimizer steps")
-    epochs: float = flag(0.0, "if > 0, train this many passes over the data instead of --steps")
-    batch_size: int = flag(32, "documents per optimizer step, summed over processes and micro-batches")
-    grad_accum: int = flag(1, "micro-batches per optimizer step in each process")
-    row_len: int = flag(256, "tokens per packed row (a document counts its clean and its noisy copy)")
-    lr: float = flag(2e-3, "peak learning rate (AdamW)")
-    warmup_steps: int = flag(30, "linear warmup steps, then cosine decay")
-    min_lr_ratio: float = flag(0.1, "the cosine decays to lr * this")
-    weight_decay: float = flag(0.0, "AdamW weight decay")
-    grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)")
-    block_size: int = flag(0, "block size; 0 = the checkpoint's (4 for 'tiny' and SDAR)")
-    max_len: int = flag(256, "longest document in tokens after block padding (a multiple of the block size)")
+    steps: int = flag(2000, "optimizer steps", low=1, when=lambda c: c.epochs == 0)
+    epochs: float = flag(0.0, "if > 0, train this many passes over the data instead of --steps", low=0)
+    batch_size: int = flag(32, "documents per optimizer step, summed over processes and micro-batches", low=1)
+    grad_accum: int = flag(1, "micro-batches per optimizer step in each process", low=1)
+    row_len: int = flag(256, "tokens per packed row (a document counts its clean and its noisy copy)", low=1)
+    lr: float = flag(2e-3, "peak learning rate (AdamW)", above=0)
+    warmup_steps: int = flag(30, "linear warmup steps, then cosine decay", low=0)
+    min_lr_ratio: float = flag(0.1, "the cosine decays to lr * this", low=0, high=1)
+    weight_decay: float = flag(0.0, "AdamW weight decay", low=0)
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)", low=0)
+    block_size: int = flag(0, "block size; 0 = the checkpoint's (4 for 'tiny' and SDAR)", low=0)
+    max_len: int = flag(
+        256, "longest document in tokens after block padding (a multiple of the block size)", low=1
+    )
     overlong: str = flag(
         "skip", "documents over --max-len: skipped, or their response truncated", choices=OVERLONG
     )
-    eps: float = flag(1e-3, "smallest mask rate: p = (1 - eps) t + eps")
+    eps: float = flag(1e-3, "smallest mask rate: p = (1 - eps) t + eps", above=0, high=1)
     instruction: str = flag("auto", "sentence appended to {prompt} records; 'auto' = the checkpoint's")
     dtype: str = flag("float32", "compute dtype (bfloat16: autocast, float32 weights)", choices=DTYPE_NAMES)
     device: str = flag("auto", "auto (cuda if present), cpu or cuda")
-    attn: str = flag("auto", "attention backend: auto (flex on CUDA, else sdpa), flex, sdpa, eager")
+    attn: str = flag(
+        "auto", "attention backend (auto: flex on CUDA, else sdpa)", choices=("auto", *attention.BACKENDS)
+    )
     seed: int = flag(0, "seed of the model init (tiny), the data order, the held-out split and the masks")
-    eval_docs: int = flag(256, "documents held out of training for the final held-out loss")
-    save_every: int = flag(100, "save the run (weights + optimizer) every this many steps")
-    log_every: int = flag(25, "one log line and one metrics.jsonl line every this many steps")
+    eval_docs: int = flag(256, "documents held out of training for the final held-out loss", low=0)
+    save_every: int = flag(100, "save the run (weights + optimizer) every this many steps", low=1)
+    log_every: int = flag(25, "one log line and one metrics.jsonl line every this many steps", low=1)
     resume: bool = flag(
         False, "continue from runs/<run>/sft/ (same settings) instead of refusing an existing run"
     )
     grad_checkpointing: bool = flag(False, "recompute activations in the backward pass to save memory")
-    threads: int = flag(0, "torch CPU threads (0 = torch's default)")
+    threads: int = flag(0, "torch CPU threads (0 = torch's default)", low=0)
 
 
 # ----------------------------------------------------------------------------- the math

@@ -218,8 +218,10 @@ class Config:
 
 def main(argv=None):
     """Print what a model dir holds; --save writes it as a checkpoint of this project."""
-    cfg = parse_config(Config, argv, description="attention.py: load a model, print it, optionally save it")
     try:
+        cfg = parse_config(
+            Config, argv, description="attention.py: load a model, print it, optionally save it"
+        )
         model, tokenizer = load_model(cfg.model, attn=cfg.attn, seed=cfg.seed)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

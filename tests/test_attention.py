@@ -380,5 +380,5 @@ def test_parse_config_precedence(tmp_path):
     cfg = support.flags.parse_config(support.model.Config, ["--config", str(path), "--seed", "9"])
     assert (cfg.seed, cfg.attn, cfg.model) == (9, "eager", "tiny")
     path.write_text(json.dumps({"sede": 5}))
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="unknown keys"):
         support.flags.parse_config(support.model.Config, ["--config", str(path)])

@@ -29,7 +29,7 @@ def flag(default, help, choices=None, low=None, above=None, high=None, when=None
     return field(default=default, metadata=metadata)
 
 
-def allowed(m):
+def allowed_values(m):
     """The values a flag allows, for its --help line."""
     words = [f"one of {', '.join(m['choices'])}"] if m.get("choices") else []
     words += [
@@ -53,7 +53,7 @@ def build_parser(config_cls, description):
     )
     for f in dataclasses.fields(config_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help = f"{f.metadata.get('help', '')} (default: {default!r}{allowed(f.metadata)})"
+        help = f"{f.metadata.get('help', '')} (default: {default!r}{allowed_values(f.metadata)})"
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="+", help=f.metadata.get("help", ""))
             continue

@@ -1,6 +1,7 @@
 """--engine lmdeploy: sampling with LMDeploy (CUDA) from rollout.py's flags, its outputs turned
 into our records, and the engine-trainer logprob check DiRL never makes. Used by rollout.py,
-which calls sample_with_lmdeploy; lmdeploy itself (requirements-gpu.txt) is imported only here.
+which calls lmdeploy_results and check_engine_logprobs; lmdeploy (requirements-gpu.txt) is
+imported here only.
 
 LMDeploy's response ends at the stop token, so whatever it committed after that token in the
 same block is not in the record, and DiPO's replay of that last block lacks it (dipo.py's

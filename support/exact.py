@@ -113,8 +113,8 @@ def step_records(where):
 def selection_sets(logq_old, token, committed, sampler_step, num_steps, strategy, threshold):
     """At every masked position j of a sampler step, the tokens u whose draw would have left j
     uncommitted, given what the step kept [N, V] bool. logq_old [N, V] is the sampling
-    distribution at the sampling weights; token/committed/sampler_step [N] as build_batch gives
-    them. The cutoff c of a step:
+    distribution at the sampling weights; token/committed/sampler_step [N] as
+    attention.replay_batch gives them. The cutoff c of a step:
       low_confidence_dynamic, some kept token had confidence >= threshold: c = threshold
       low_confidence_dynamic, none did (the most confident draw was kept alone): c = its confidence
       low_confidence_static (the quota's most confident draws were kept): c = the least kept confidence

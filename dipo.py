@@ -309,6 +309,31 @@ def prepare_training(model, cfg, lr, state, world, dtype, device):
     return optimizer, ref.eval()
 
 
+def ppo_epochs(model, optimizer, plan, old, ref_logp, cfg, exact, new_step, rank, device, dtype):
+    """--ppo-epochs passes over the plan: per minibatch, the loss and its backward per
+    micro-batch, then the clipped gradient's one optimizer step. `old` is filled in by the first
+    pass (dipo_loss). Returns the log's sums over this process's real micro-batches and the
+    gradient norm of every optimizer step."""
+    sums, grad_norms = defaultdict(float), []
+    bar = tqdm(total=cfg.ppo_epochs * len(plan), desc=f"dipo step {new_step}", disable=rank != 0)
+    for _ in range(cfg.ppo_epochs):
+        for m, micro_batches in enumerate(plan):
+            for j, micro in enumerate(micro_batches):
+                loss, _, micro_sums, old[m, j] = dipo_loss(
+                    model, micro, old.get((m, j)), ref_logp.get((m, j)), cfg, device, dtype, exact
+                )
+                loss.backward()
+                if micro["real"]:
+                    for key, value in micro_sums.items():
+                        sums[key] += value
+            grad_norms.append(distributed.clip_gradients(model, cfg.grad_clip, f"dipo step {new_step}"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+    bar.close()
+    return sums, grad_norms
+
+
 @rundir.releases_run_lock
 def main(cfg):
     rank, world, device = distributed.init_distributed(cfg.device, cfg.threads)
@@ -362,23 +387,9 @@ def main(cfg):
 
     # PPO epochs: per minibatch, loss and backward per micro-batch, then clip and one optimizer step
     t_update = time.time()
-    sums, grad_norms = defaultdict(float), []
-    bar = tqdm(total=cfg.ppo_epochs * len(plan), desc=f"dipo step {new_step}", disable=rank != 0)
-    for _ in range(cfg.ppo_epochs):
-        for m, micro_batches in enumerate(plan):
-            for j, micro in enumerate(micro_batches):
-                loss, _, micro_sums, old[m, j] = dipo_loss(
-                    model, micro, old.get((m, j)), ref_logp.get((m, j)), cfg, device, dtype, exact
-                )
-                loss.backward()
-                if micro["real"]:
-                    for key, value in micro_sums.items():
-                        sums[key] += value
-            grad_norms.append(distributed.clip_gradients(model, cfg.grad_clip, f"dipo step {new_step}"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            bar.update(1)
-    bar.close()
+    sums, grad_norms = ppo_epochs(
+        model, optimizer, plan, old, ref_logp, cfg, exact, new_step, rank, device, dtype
+    )
     log.update(update_metrics(sums, plan, old, grad_norms, world, device))
     t_write = time.time()
     log.update(tokens_per_s=sums["tokens"] / max(1e-9, t_write - t_update), time_prepare=t_old - t_start)

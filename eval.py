@@ -309,6 +309,7 @@ def evaluate_file(path, workers=1, timeout=DEFAULT_TIMEOUT, answer_format="boxed
     latencies = sorted(g[2] for g in graded)
     result = {
         "file": str(path),
+        "policy_step": records[0].get("policy_step"),
         "skipped_lines": problems,
         "rewards_changed": changed,
         "grader_seconds": seconds,
@@ -343,12 +344,12 @@ def format_table(results):
     return "\n".join(f"{name:<{width}}  " + "  ".join(f"{v:>{col}}" for v in vs) for name, vs in rows)
 
 
-def log_to_run(run, result, records_file):
+def log_to_run(run, result):
     """One {"stage": "eval", "step": policy step, ...} line per data source in run/metrics.jsonl,
     so that held-out accuracy sits beside the training curve."""
-    step = read_records(records_file)[0][1].get("policy_step")
+    step, file = result["policy_step"], result["file"]
     lines = [
-        {"stage": "eval", "step": step, "file": str(records_file), "data_source": source, **numbers}
+        {"stage": "eval", "step": step, "file": file, "data_source": source, **numbers}
         for source, numbers in result["sources"].items()
     ]
     rundir.append_metrics(run, *lines)
@@ -362,7 +363,7 @@ def main(cfg):
             print(f"skipped {problem}", file=sys.stderr)
         results.append(result)
         if cfg.run:
-            log_to_run(cfg.run, result, path)
+            log_to_run(cfg.run, result)
     print(format_table(results))
     if cfg.json:
         rundir.write_atomic(cfg.json, json.dumps(results, indent=2))

@@ -376,8 +376,8 @@ def make_record(policy_step, prompt_index, prompt, prompt_ids, result, text, rew
 
 
 def check_flags(cfg):
-    if cfg.dynamic_sampling and (cfg.num_prompts <= 0 or cfg.max_sample_rounds < 1):
-        raise ValueError("--dynamic-sampling needs --num-prompts > 0 and --max-sample-rounds >= 1")
+    if cfg.dynamic_sampling and cfg.num_prompts <= 0:  # --max-sample-rounds is checked where it is declared
+        raise ValueError("--dynamic-sampling needs --num-prompts > 0")
     if cfg.engine == "lmdeploy":
         engine.require_lmdeploy()  # refuse before anything is loaded
 

@@ -349,11 +349,10 @@ def main(cfg):
 
     # the rollouts of step k, and the policy that sampled them (checked before anything is written)
     model, tokenizer = load_model(str(policy_path), dtype=torch.float32, device=device, attn=cfg.attn)
+    policy.check_state(state, policy_step, model, run / "dipo_state.pt")
     rollouts = run / "rollouts" / f"step_{policy_step:06d}.jsonl"
     records = read_rollouts(rollouts, policy_step, model.config, cfg.max_len)
     exact = ExactEstimator(records) if cfg.estimator == "exact" else None
-    if rank == 0:
-        rundir.record_invocation(run, "dipo", cfg)
 
     # group-relative advantages; a group whose rewards are all equal has none
     adv = group_advantages([r["reward"] for r in records], [r["prompt_id"] for r in records])
@@ -362,6 +361,7 @@ def main(cfg):
     trainable = [i for i, a in enumerate(adv) if a != 0.0] if cfg.dapo_filter else list(range(len(records)))
     if not any(adv[i] for i in trainable):  # nothing to learn: step k+1 is step k's weights
         if rank == 0:
+            rundir.record_invocation(run, "dipo", cfg)
             log, carried = {**log, "updated": False}, {**(state or {}), "step": new_step}
             policy.commit_policy_step(run, new_step, model, tokenizer, None, log, carried)
             print(f"dipo step {new_step}: no group has a learning signal; policy carried over unchanged")
@@ -397,7 +397,8 @@ def main(cfg):
 
     # write step k+1: the weights, the metrics line, the state file (the commit point), then latest
     model_sd, optim_sd = distributed.full_state(model, optimizer)
-    if rank == 0:
+    if rank == 0:  # the first write: an update refused on the way (a non-finite loss) changes nothing
+        rundir.record_invocation(run, "dipo", cfg)
         state = {"step": new_step, "optimizer": optim_sd, "config": dataclasses.asdict(cfg)}
         policy.commit_policy_step(run, new_step, model, tokenizer, model_sd, log, state, (t_start, t_write))
         print(summary_line(log))

@@ -15,6 +15,8 @@ how model text is kept away from Python's eval):
   * a thin layer where Math-Verify is wrong on answers people write (NORMALISE), each rule a
     text substitution before parse with a test that fails without it, and one setting:
     allow_set_relation_comp, so that `x < 3` equals the gold (-\\infty, 3);
+  * a hedged box ("or possibly 4", "maybe") gets no credit (HEDGED);
+  * a gold of any JSON type: numbers compared as numbers, lists as lists (gold_text);
   * maj@k votes on the string form of the parsed prediction, so 1/2 and \\frac{1}{2} agree;
   * plain integers on both sides (the built-in arithmetic task) are compared without a child.
 
@@ -43,10 +45,12 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 from support import rundir
-from support.data import forwards_of, read_records
+from support.data import MAX_DATA_MB, forwards_of, read_records
 from support.flags import flag, run_stage
 from support.sandbox import MAX_ANSWER_CHARS, Sandbox, too_costly
 
@@ -127,6 +131,26 @@ def parse_input(text, answer_format="boxed"):
 
 # ----------------------------------------------------------------------------- the thin layer
 
+
+def repeating_decimal(integer, digits, period):
+    """The exact fraction of integer.digits with the last `period` digits repeating, as LaTeX."""
+    prefix, repeat = digits[: len(digits) - period], digits[len(digits) - period :]
+    value = int(integer or 0) + Fraction(
+        int(prefix + repeat) - int(prefix or 0), 10 ** len(prefix) * (10**period - 1)
+    )
+    return f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
+
+
+def dotted_decimal(match):
+    """0.333\\ldots -> 1/3, 0.1666... -> 1/6: the shortest tail that shows at least twice
+    repeats; with no repeat shown the text is left as it is."""
+    integer, digits = match.group(1), match.group(2)
+    for period in range(1, len(digits) // 2 + 1):
+        if digits[-2 * period : -period] == digits[-period:]:
+            return repeating_decimal(integer, digits, period)
+    return match.group(0)
+
+
 NORMALISE = [  # (pattern, replacement): where Math-Verify is wrong on answers people write
     (re.compile(r"\\varnothing"), r"\\emptyset"),  # the lexer knows only \emptyset as the empty set
     (re.compile(r"°"), r"^\\circ"),  # the unicode degree sign is not in the grammar
@@ -135,11 +159,29 @@ NORMALISE = [  # (pattern, replacement): where Math-Verify is wrong on answers p
         re.compile(r"\\(?:text|textnormal|mbox|mathrm)\{\s*(-?\d+(?:\.\d+)?)\s+([a-zA-Z][a-zA-Z ]*)\}"),
         r"\1 \\text{\2}",
     ),
-    (  # \boxed{5.} -> \boxed{5}: sentence punctuation inside the box
-        re.compile(r"(\\boxed\s*\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*?)(?<!\.)[.,;]\s*\}"),
+    (  # \boxed{5.} -> \boxed{5}: sentence punctuation inside the box (not the \, of a thin space)
+        re.compile(r"(\\boxed\s*\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*?)(?<![.\\])[.,;]\s*\}"),
         r"\1}",
     ),
+    (re.compile(r"∞"), r"\\infty "),  # the unicode infinity is not in the grammar
+    (  # \boxed{5 = x} -> \boxed{x = 5}: the value is taken from an equation's right side only
+        re.compile(r"(\\boxed\s*\{)([^{}=]*(?:\{[^{}]*\}[^{}=]*)*)=\s*([a-zA-Z])\s*\}"),
+        r"\1\3 = \2}",
+    ),
+    (  # 3.2e5 -> 3.2\times 10^{5}: e-notation is read as 3.2 * e * 5
+        re.compile(r"(?<![\w.\\])(\d+(?:\.\d+)?)[eE]([+-]?\d{1,3})(?![\w.])"),  # a short exponent only
+        r"\1\\times 10^{\2}",
+    ),
+    (  # 0.1\overline{6} -> \frac{1}{6}: an overline is read as a symbol
+        re.compile(r"(\d*)\.(\d*)\\overline\s*\{(\d+)\}"),
+        lambda m: repeating_decimal(m.group(1), m.group(2) + m.group(3), len(m.group(3))),
+    ),
+    (  # 0.333\ldots -> \frac{1}{3}: the dots are dropped and the decimal read as it stands
+        re.compile(r"(\d*)\.(\d+)\s*(?:\\ldots|\\dots|\\cdots|\.\.\.)"),
+        dotted_decimal,
+    ),
 ]
+HEDGED = re.compile(r"\b(?:possibly|maybe|perhaps|probably)\b|\(\s*or\b", re.IGNORECASE)  # 3 \text{ (or 4)}
 
 
 def normalise(text):
@@ -177,6 +219,8 @@ def check(gold, response, timeout=DEFAULT_TIMEOUT, answer_format="boxed"):
     if found is None or not gold.strip():
         return 0.0, None
     pred_text, answer = found
+    if HEDGED.search(answer) and not HEDGED.search(gold):  # a hedged answer commits to none
+        return 0.0, None
     if too_costly(answer) or too_costly(gold):
         return float(answer.strip() == gold.strip()), answer.strip()
     single = pred_text.count("\\boxed") + pred_text.count("\\fbox") <= 1 or answer_format == "gsm8k"
@@ -186,44 +230,69 @@ def check(gold, response, timeout=DEFAULT_TIMEOUT, answer_format="boxed"):
     return float(equal), key
 
 
+def gold_text(gold):
+    """A gold of any JSON type as the text it is compared with, or None (no credit): a string as
+    it is; an integer, or a finite float in plain decimals (1e-07 -> 0.0000001, which parses
+    as the same number); a list as its elements, comma-separated, the way a boxed list is
+    written. None, NaN, infinity, booleans and objects are not answers."""
+    if isinstance(gold, str):
+        return gold
+    if type(gold) is int:
+        return str(gold) if gold.bit_length() < 3 * MAX_ANSWER_CHARS else None  # str() caps digits
+    if type(gold) is float:
+        return format(Decimal(repr(gold)), "f") if math.isfinite(gold) else None
+    if isinstance(gold, list) and gold:
+        parts = [gold_text(g) for g in gold]
+        return None if None in parts else ", ".join(parts)
+    return None
+
+
 def grade(response, ground_truth, timeout=DEFAULT_TIMEOUT, answer_format="boxed"):
-    """1.0 if the response's final answer is equivalent to the ground truth, else 0.0."""
-    return check(str(ground_truth), str(response), timeout, answer_format)[0]
+    """1.0 if the response's final answer is equivalent to the ground truth, else 0.0. Total:
+    any response or gold (gold_text says which are answers) gives 0.0 or 1.0, within the
+    deadline, without raising."""
+    gold = gold_text(ground_truth)
+    if gold is None or not isinstance(response, str):
+        return 0.0
+    return check(gold, response, timeout, answer_format)[0]
 
 
 # ----------------------------------------------------------------------------- data adapters
 
 
 def to_prompt_record(raw):
-    """Accept the common benchmark layouts; return {"question", "ground_truth_answer", ...}.
-    DiRL/TraceRL: question/ground_truth_answer. MATH500: problem/answer (or problem/solution
-    with a boxed answer). GSM8K: question/answer with '#### 42'. AIME: Problem/Answer."""
-    if "question" in raw and "ground_truth_answer" in raw:  # golds become strings here, once
-        return {
-            **raw,
-            "question": str(raw["question"]),
-            "ground_truth_answer": str(raw["ground_truth_answer"]),
-        }
+    """Accept the common benchmark layouts; return {"question", "ground_truth_answer", ...}
+    with the gold as text (gold_text: golds become strings here, once). DiRL/TraceRL:
+    question/ground_truth_answer. MATH500: problem/answer (or problem/solution with a boxed
+    answer). GSM8K: question/answer with '#### 42'. AIME: Problem/Answer."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"not a JSON object ({type(raw).__name__})")
     question = raw.get("question", raw.get("problem", raw.get("Problem")))
-    answer = raw.get("answer", raw.get("Answer"))
-    if answer is None and "solution" in raw:
+    answer = raw.get("ground_truth_answer", raw.get("answer", raw.get("Answer")))
+    if answer is None and isinstance(raw.get("solution"), str):
         answer = extract_answer(raw["solution"])
     if isinstance(answer, str) and "####" in answer:
         answer = extract_gsm8k(answer)
-    if question is None or answer is None:
+    if not isinstance(question, str) or answer is None:
         raise ValueError(f"no question/answer keys (have {sorted(raw)})")
-    rest = {k: v for k, v in raw.items() if k not in ("question", "problem", "Problem", "answer", "Answer")}
-    return {**rest, "question": str(question), "ground_truth_answer": str(answer)}
+    gold = gold_text(answer)
+    if gold is None:
+        raise ValueError(f"answer {json.dumps(answer)[:40]} is not an answer (a string, a number or a list)")
+    names = ("question", "problem", "Problem", "ground_truth_answer", "answer", "Answer")
+    rest = {k: v for k, v in raw.items() if k not in names}
+    return {**rest, "question": question, "ground_truth_answer": gold}
 
 
-def load_prompts(path):
-    """A JSON list or JSONL file of prompts in any accepted layout."""
+def load_prompts(path, max_mb=MAX_DATA_MB):
+    """[(line, prompt)] of a JSON list or JSONL file of prompts in any accepted layout."""
     out = []
-    for n, raw in read_records(path):
+    for n, raw in read_records(path, max_mb=max_mb):
         try:
-            out.append(to_prompt_record(raw))
+            out.append((n, to_prompt_record(raw)))
         except (ValueError, AttributeError, TypeError) as e:
             raise ValueError(f"{path}:{n}: {e}") from None
+    if not out:
+        raise ValueError(f"{path}: no prompts")
     return out
 
 

@@ -49,7 +49,7 @@ the trainer is measured on every call.
 """
 
 import hashlib
-import json
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -60,7 +60,7 @@ from tqdm import tqdm
 import attention
 import eval as grader
 from support import distributed, engine, rundir
-from support.data import data_stream
+from support.data import MAX_DATA_MB, data_stream
 from support.flags import flag, run_stage
 from support.model import IM_END, load_model, render_prompt
 from support.rollout_files import output_path, stream_start, write_rollouts
@@ -133,6 +133,7 @@ class Config:
         low=1,
         when=lambda c: c.dynamic_sampling,
     )
+    max_data_mb: float = flag(MAX_DATA_MB, "refuse a --data file larger than this many megabytes", above=0)
     force: bool = flag(False, "overwrite an existing output file")
     threads: int = flag(0, "torch CPU threads (0 = torch's default)", low=0)
 
@@ -355,12 +356,13 @@ def sampler_settings(cfg, model_config):
     }
 
 
-def make_record(policy_step, prompt_index, prompt, prompt_ids, result, text, reward, sampler):
+def make_record(policy_step, prompt_index, sample, prompt, prompt_ids, result, text, reward, sampler):
     """One line of the rollout file (docs/design.md, "The rollout record"); the prompt's own
     extra fields ride along at the end."""
     return {
         "policy_step": policy_step,
         "prompt_id": str(prompt_index),
+        "sample": sample,
         "question": prompt["question"],
         "ground_truth_answer": prompt["ground_truth_answer"],
         "prompt_ids": prompt_ids,
@@ -384,49 +386,62 @@ def check_flags(cfg):
 
 def load_inputs(cfg, policy, device):
     """The policy (in eval mode; for --engine lmdeploy on the CPU in float32, for the re-score
-    after the engine is done), its tokenizer, and the prompts."""
+    after the engine is done), its tokenizer, the prompts and, for each, its rendered text and
+    token ids. A prompt too long for the model is refused here, naming its line, before any
+    cache is allocated."""
     if cfg.engine == "lmdeploy":
         model, tokenizer = load_model(str(policy), dtype=torch.float32, device="cpu", attn="sdpa")
     else:
         model, tokenizer = load_model(str(policy), distributed.DTYPES[cfg.dtype], device, attn="sdpa")
-    if cfg.block_size and cfg.block_size != model.config.block_size:
+    c = model.config
+    if cfg.block_size and cfg.block_size != c.block_size:
         raise ValueError(
-            f"--block-size {cfg.block_size} differs from the checkpoint's {model.config.block_size} ({policy})"
+            f"--block-size {cfg.block_size} differs from the checkpoint's {c.block_size} ({policy})"
         )
-    try:
-        prompts = grader.load_prompts(cfg.data)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cfg.data}: {e}") from None
-    return model.eval(), tokenizer, prompts
+    lines, prompts = zip(*grader.load_prompts(cfg.data, cfg.max_data_mb))
+    instruction = c.instruction if cfg.instruction == "auto" else cfg.instruction
+    texts = [render_prompt(p["question"], instruction) for p in prompts]
+    prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for line, ids in zip(lines, prompt_ids):
+        # the sequence ends at the first block boundary at least max_new_tokens past the prompt
+        length = -(-(len(ids) + cfg.max_new_tokens) // c.block_size) * c.block_size
+        if length > c.max_position_embeddings:
+            raise ValueError(
+                f"{cfg.data}:{line}: the prompt is {len(ids)} tokens; with --max-new-tokens "
+                f"{cfg.max_new_tokens} that is {length}, past the model's {c.max_position_embeddings} positions"
+            )
+    return model.eval(), tokenizer, list(prompts), list(zip(texts, prompt_ids))
 
 
-def sample_jobs(jobs, step, cfg, policy, model, tokenizer, prompts, bar):
-    """(prompt index, sample index) pairs -> their records, in order: each prompt rendered and
-    tokenized, one response per job from generate (or LMDeploy), graded for its reward."""
-    instruction = model.config.instruction if cfg.instruction == "auto" else cfg.instruction
+def sample_jobs(jobs, step, cfg, policy, model, tokenizer, prompts, encoded, bar):
+    """(prompt index, sample index) pairs -> their records, in order: one response per job from
+    generate (or LMDeploy) to the prompt's text and ids in `encoded`, graded for its reward. A
+    non-finite logprob (the model gave non-finite logits) is refused before any record exists."""
     stop_ids = {tokenizer.convert_tokens_to_ids(IM_END)} | (
         set() if cfg.ban_eos else {tokenizer.eos_token_id}
     )
-    texts = {i: render_prompt(prompts[i]["question"], instruction) for i, _ in jobs}
-    prompt_ids = {i: tokenizer(text, add_special_tokens=False)["input_ids"] for i, text in texts.items()}
     seeds = [sequence_seed(cfg.seed, step, i, j) for i, j in jobs]
     t0, bar.total = time.time(), bar.total + len(jobs)
     if cfg.engine == "lmdeploy":
-        texts_ids = ([texts[i] for i, _ in jobs], [prompt_ids[i] for i, _ in jobs])
+        texts_ids = zip(*[encoded[i] for i, _ in jobs])
         results = engine.lmdeploy_results(
             policy, *texts_ids, seeds, cfg, model.config.block_size, tokenizer.eos_token_id
         )
         bar.update(len(jobs))
     else:
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        ids = [prompt_ids[i] for i, _ in jobs]
+        ids = [encoded[i][1] for i, _ in jobs]
         results = generate(model, ids, generators, cfg, stop_ids, cfg.batch_size, progress=bar.update)
     sampler, records = sampler_settings(cfg, model.config), []
-    for (i, _), result in zip(jobs, results):
+    for (i, j), result in zip(jobs, results):
+        if not all(math.isfinite(x) for x in result["logprobs"] or []):  # None: the engine gave none
+            raise FloatingPointError(
+                f"{policy}: the model gave non-finite logits (prompt {i}); nothing written"
+            )
         response = result["response_ids"]
         text = tokenizer.decode(response[: stop_index(response, stop_ids)])
         reward = grader.grade(text, prompts[i]["ground_truth_answer"], answer_format=cfg.answer_format)
-        records.append(make_record(step, i, prompts[i], prompt_ids[i], result, text, reward, sampler))
+        records.append(make_record(step, i, j, prompts[i], encoded[i][1], result, text, reward, sampler))
     new_tokens = sum(len(r["response_ids"]) for r in records)
     bar.set_postfix(tok_s=f"{new_tokens / max(1e-9, time.time() - t0):.0f}")
     return records
@@ -450,16 +465,14 @@ def main(cfg):
         rundir.lock_run(cfg.run, "rollout")
 
     # the policy, its prompts and where this step starts in their stream (checked before any write)
-    model, tokenizer, prompts = load_inputs(cfg, policy, device)
+    model, tokenizer, prompts, encoded = load_inputs(cfg, policy, device)
     start = stream_start(cfg, step, out)
-    if not cfg.policy and rank == 0:
-        rundir.record_invocation(cfg.run, "rollout", cfg)
     t0 = time.time()
     bar = tqdm(total=0, desc=f"rollout step {step}", unit="seq", disable=rank != 0)
 
     def sample_round(round_prompts):  # under torchrun each process samples a share; all see every record
         jobs = [(i, j) for i in round_prompts for j in range(cfg.group_size)]
-        mine = sample_jobs(jobs[rank::world], step, cfg, policy, model, tokenizer, prompts, bar)
+        mine = sample_jobs(jobs[rank::world], step, cfg, policy, model, tokenizer, prompts, encoded, bar)
         return distributed.gather_in_job_order(mine, world)
 
     # G responses to each of the step's prompts, or rounds of them until enough groups have a signal
@@ -481,7 +494,9 @@ def main(cfg):
     if cfg.engine == "lmdeploy":
         engine_check = engine.check_engine_logprobs(model.to(device), records, cfg.rescore)
     distributed.finish_distributed(world)
-    if rank == 0:
+    if rank == 0:  # the first write: a run refused on the way (non-finite logits) changes nothing
+        if not cfg.policy:
+            rundir.record_invocation(cfg.run, "rollout", cfg)
         write_rollouts(cfg, out, step, records, stream, engine_check, time.time() - t0)
 
 

@@ -45,12 +45,21 @@ from tqdm import tqdm
 
 import attention
 from support import distributed, policy, rundir
-from support.data import data_stream, read_records
+from support.data import MAX_DATA_MB, data_stream, read_records
 from support.flags import flag, run_stage
 from support.model import IM_END, load_model, render_chat, render_prompt, save_checkpoint
 
 # settings a resumed run may change: they do not change what is learned
-RUN_FIELDS = {"resume", "save_every", "log_every", "threads", "grad_checkpointing", "row_len", "grad_accum"}
+RUN_FIELDS = {
+    "resume",
+    "max_data_mb",
+    "save_every",
+    "log_every",
+    "threads",
+    "grad_checkpointing",
+    "row_len",
+    "grad_accum",
+}
 RUN_FIELDS |= {"attn", "device"}
 
 
@@ -63,6 +72,7 @@ class Config:
     data: str = flag(
         "data/arith_sft.jsonl", "SFT data: JSON list or JSONL of {messages} or {prompt, response}"
     )
+    max_data_mb: float = flag(MAX_DATA_MB, "refuse a --data file larger than this many megabytes", above=0)
     run: str = flag("runs/arith", "run directory (created); its layout: docs/design.md")
     steps: int = flag(2000, "optimizer steps", low=1, when=lambda c: c.epochs == 0)
     epochs: float = flag(0.0, "if > 0, train this many passes over the data instead of --steps", low=0)
@@ -186,11 +196,11 @@ def to_texts(record, instruction):
     raise ValueError(f"need 'messages' or 'prompt' + 'response' (have {keys})")
 
 
-def load_documents(path, tokenizer, instruction, block_size, max_len, overlong):
+def load_documents(path, tokenizer, instruction, block_size, max_len, overlong, max_mb=MAX_DATA_MB):
     """Token documents (prompt_ids, response_ids padded with eos to a block multiple) and
     the number of overlong records skipped or truncated."""
     texts = []
-    for n, record in read_records(path):
+    for n, record in read_records(path, max_mb=max_mb):
         try:
             texts.append(to_texts(record, instruction))
         except ValueError as e:
@@ -255,7 +265,7 @@ def prepare_documents(cfg, model, tokenizer):
     if cfg.instruction != "auto":
         model.config.instruction = cfg.instruction
     docs, overlong = load_documents(
-        cfg.data, tokenizer, model.config.instruction, block_size, cfg.max_len, cfg.overlong
+        cfg.data, tokenizer, model.config.instruction, block_size, cfg.max_len, cfg.overlong, cfg.max_data_mb
     )
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     held_out = [docs[i] for i in order[: cfg.eval_docs]]
@@ -303,6 +313,9 @@ def prepare_training(model, cfg, trainer_state, total_steps, world, dtype, devic
     )
     if not trainer_state:
         return optimizer, scheduler, 0
+    distributed.check_optimizer_state(
+        trainer_state["optimizer"], model, Path(cfg.run) / "sft" / "trainer_state.pt"
+    )
     distributed.load_optimizer_state(model, optimizer, trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     return optimizer, scheduler, trainer_state["step"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from support.data import read_records  # noqa: E402
+from support.rundir import read_metrics  # noqa: E402
 
 
 def loop_minutes(lines):
@@ -50,7 +50,7 @@ def plot_runs(runs, out, max_step=0):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
-        lines = [r for _, r in read_records(Path(run) / "metrics.jsonl")]
+        lines = read_metrics(run)
         lines = [r for r in lines if not max_step or r.get("step", 0) <= max_step]
         loop = [r for r in lines if r.get("stage") == "rollout" and "reward" in r]
         if not loop:

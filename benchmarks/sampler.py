@@ -80,7 +80,7 @@ def main():
     model, tokenizer = support.model.load_model("tiny")
     model.eval()
     cfg = rollout.Config(strategy="sequential", max_new_tokens=args.new_tokens)
-    questions = [p["question"] for p in grader.load_prompts(ROOT / "data/arith_test.jsonl")]
+    questions = [p["question"] for _, p in grader.load_prompts(ROOT / "data/arith_test.jsonl")]
     encoded = [
         tokenizer(support.model.render_prompt(q, ""), add_special_tokens=False)["input_ids"]
         for q in questions

@@ -11,20 +11,34 @@ import json
 import math
 from pathlib import Path
 
+MAX_DATA_MB = 256  # the default bound on a file read whole: a wrong path (/dev/zero) must not fill memory
 
-def read_records(path, problems=None):
-    """[(line number, record)] of a JSON list or a JSONL file (blank lines skipped). A missing
-    file or a line that is not JSON raises ValueError naming FILE:LINE; given a `problems`
-    list, a bad line is added to it as "FILE:LINE: why" and skipped instead."""
+
+def read_records(path, problems=None, max_mb=MAX_DATA_MB):
+    """[(line number, record)] of a JSON list or a JSONL file (blank lines skipped), read whole
+    but at most `max_mb` megabytes. A missing, oversized or non-UTF-8 file, or a line that is
+    not JSON, raises ValueError naming FILE:LINE; given a `problems` list, a bad line is added
+    to it as "FILE:LINE: why" and skipped instead."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such data file")
-    text = path.read_text()
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file")
+    limit = int(max_mb * 2**20)
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)  # a bound even where the size on disk says nothing
+    if len(data) > limit:
+        raise ValueError(f"{path}: larger than {max_mb} MB (the flag --max-data-mb raises the bound)")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
     if text.lstrip().startswith("["):
         try:
             return list(enumerate(json.loads(text), 1))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not a JSON list ({e})") from None
+            raise ValueError(f"{path}:{e.lineno}: not a JSON list ({e.msg})") from None
     records = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -63,6 +77,7 @@ def _epoch_order(total, seed, epoch):
 RECORD_KEYS = (
     "policy_step",
     "prompt_id",
+    "sample",
     "prompt_ids",
     "response_ids",
     "step_map",
@@ -70,6 +85,9 @@ RECORD_KEYS = (
     "reward",
     "sampler",
 )
+
+
+REWARD_BOUND = 1e6  # |reward| at most this: group statistics of such numbers cannot overflow
 
 
 def is_int(x):
@@ -120,6 +138,8 @@ def check_rollout_record(r, where, policy_step, block_size, mask_id, vocab_size,
         fail("policy_step", f"{r['policy_step']!r}, but the policy is at step {policy_step} (stale rollouts)")
     if type(r["prompt_id"]) not in (str, int):
         fail("prompt_id", "not a string or an integer")
+    if not is_int(r["sample"]) or r["sample"] < 0:
+        fail("sample", f"{r['sample']!r} is not the index of a sample in its group")
     check_sampler(r["sampler"], fail, block_size, mask_id)
     for key in ("prompt_ids", "response_ids"):
         if not isinstance(r[key], list) or not all(is_int(t) and 0 <= t < vocab_size for t in r[key]):
@@ -145,8 +165,8 @@ def check_rollout_record(r, where, policy_step, block_size, mask_id, vocab_size,
         fail("logprobs", f"not a list as long as the response ({n})")
     if not all(is_number(x) and x <= 1e-3 for x in r["logprobs"]):  # an engine may round a little above 0
         fail("logprobs", "not all finite numbers <= 0")
-    if not is_number(r["reward"]):
-        fail("reward", f"{r['reward']!r} is not a finite number")
+    if not is_number(r["reward"]) or abs(r["reward"]) > REWARD_BOUND:
+        fail("reward", f"{r['reward']!r} is not a finite number in [-{REWARD_BOUND:g}, {REWARD_BOUND:g}]")
 
 
 def forwards_of(record):
@@ -164,14 +184,24 @@ def forwards_of(record):
 def read_rollouts(path, policy_step, model_config, max_len):
     """Records of rollouts/step_<k>.jsonl, each checked against the policy that will be trained
     (check_rollout_record): sequences longer than max_len (0 = the model's
-    max_position_embeddings) are refused, not trained."""
-    if not path.is_file():
+    max_position_embeddings) are refused, not trained. Across records: one type of prompt_id
+    (5 and "5" would split a group) and each (prompt_id, sample) once (a repeated line would
+    count a response twice)."""
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no rollouts for policy step {policy_step} (run rollout.py first)")
     c, limit = model_config, max_len or model_config.max_position_embeddings
-    records = []
+    records, seen = [], {}
     for n, r in read_records(path):
         where = f"{path}:{n}"
         check_rollout_record(r, where, policy_step, c.block_size, c.mask_token_id, c.vocab_size, limit)
+        if records and type(r["prompt_id"]) is not type(records[0]["prompt_id"]):
+            raise ValueError(
+                f"{where}: prompt_id: {r['prompt_id']!r}, but other records' ids have another type"
+            )
+        key = (r["prompt_id"], r["sample"])
+        if key in seen:
+            raise ValueError(f"{where}: prompt_id {key[0]!r} sample {key[1]} repeats line {seen[key]}")
+        seen[key] = n
         records.append(r)
     if not records:
         raise ValueError(f"{path}: empty")

@@ -117,6 +117,25 @@ def load_optimizer_state(model, optimizer, optim_sd):
     set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
 
 
+def check_optimizer_state(optim_sd, model, path):
+    """An optimizer state (full_state's form: {"state": {name: {tensor: ...}}, "param_groups"})
+    for this model: every name one of its parameters, every tensor of its parameter's shape (or
+    a scalar, as Adam's step). Checked before any work, since a mismatch would fail mid-update."""
+    params = dict(model.named_parameters())
+    state = optim_sd.get("state") if isinstance(optim_sd, dict) else None
+    if not isinstance(state, dict) or not isinstance(optim_sd.get("param_groups"), list):
+        raise ValueError(f"{path}: optimizer: not an optimizer state; delete the file to start over")
+    for name, slots in state.items():
+        if name not in params or not isinstance(slots, dict):
+            raise ValueError(f"{path}: optimizer: {name!r} is not a parameter of the model; delete the file")
+        for slot, value in slots.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[name].shape:
+                raise ValueError(
+                    f"{path}: optimizer: {name}.{slot} has shape {tuple(value.shape)}, the parameter "
+                    f"{tuple(params[name].shape)}; delete the file to start over"
+                )
+
+
 def read_torch_state(path, required):
     """A state file we wrote (dipo_state.pt, trainer_state.pt): loaded weights-only, and a dict
     with the `required` keys of the given types, or a ValueError naming what is wrong."""

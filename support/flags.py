@@ -144,6 +144,8 @@ def run_stage(main, config_cls, description, argv=None):
     except (OSError, ValueError, FloatingPointError) as e:
         if "--debug" in argv:
             raise
+        if isinstance(e, OSError) and e.filename:  # "FILE: why", not "[Errno 27] why: 'FILE'"
+            e = f"{e.filename}: {e.strerror}"
         message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held
         sys.exit(f"error: {message}")
     sys.exit(code or 0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from attention import BACKENDS, backend_of
@@ -121,7 +121,12 @@ def mask_token_id_of(tokenizer):
 def checkpoint_config(path):
     """The Qwen3Config of a checkpoint dir (ours, or SDAR's with its custom-code keys dropped),
     with `mask_token_id`, `block_size` and `instruction` always set, and its tokenizer."""
-    raw = json.loads((path / "config.json").read_text())
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path / 'config.json'}: not a JSON config ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path / 'config.json'}: not a JSON object")
     if raw.get("model_type") == "sdar":
         drop = ("model_type", "architectures", "auto_map", "transformers_version")
         config = Qwen3Config(**{k: v for k, v in raw.items() if k not in drop})
@@ -164,23 +169,36 @@ def load_model(name_or_dir, dtype=torch.float32, device="cpu", attn="auto", seed
             raise FileNotFoundError(
                 f"{path}: not a model directory (no config.json); pass a checkpoint dir or 'tiny'"
             )
-        config, tokenizer = checkpoint_config(path)
-        embedding = (config.vocab_size, config.hidden_size)
-        if (path / "model.safetensors").is_file():  # one file (ours): check its embedding's shape first
-            with safe_open(path / "model.safetensors", "pt") as weights:
-                if "model.embed_tokens.weight" in weights.keys():
-                    shape = tuple(weights.get_slice("model.embed_tokens.weight").get_shape())
-                    if shape != embedding:
-                        raise ValueError(
-                            f"{path}: config.json says embeddings {embedding}, the weights {shape}"
-                        )
-        try:
-            model = Qwen3ForCausalLM.from_pretrained(path, config=config, dtype=dtype)
-        except (OSError, RuntimeError, ValueError) as e:  # missing or mis-shaped weights
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{path}: the weights do not load with its config.json ({first})") from None
+        model, tokenizer = open_checkpoint(path, dtype)
     model.set_attn_implementation(BACKENDS[attn])
     return model.to(device=device, dtype=dtype), tokenizer
+
+
+def open_checkpoint(path, dtype):
+    """(model, tokenizer) of a checkpoint dir whose weights are checked before any work: every
+    safetensors file readable, the embedding of the shape config.json says, every weight finite.
+    A failure is one ValueError naming the file."""
+    config, tokenizer = checkpoint_config(path)
+    embedding = (config.vocab_size, config.hidden_size)
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(file, "pt") as weights:
+                shape = None
+                if "model.embed_tokens.weight" in weights.keys():
+                    shape = tuple(weights.get_slice("model.embed_tokens.weight").get_shape())
+        except Exception as e:  # a truncated or foreign file: safetensors raises its own kind
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+        if shape is not None and shape != embedding:
+            raise ValueError(f"{path}: config.json says embeddings {embedding}, the weights {shape}")
+    try:
+        model = Qwen3ForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+    except (OSError, RuntimeError, ValueError) as e:  # missing or mis-shaped weights
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: the weights do not load with its config.json ({first})") from None
+    for name, weight in model.named_parameters():
+        if not torch.isfinite(weight).all():  # one NaN would reach every logit, record and update
+            raise ValueError(f"{path}: weight {name} holds non-finite values")
+    return model, tokenizer
 
 
 def save_checkpoint(model, tokenizer, out_dir, state_dict=None, trainer_state=None):
@@ -189,17 +207,24 @@ def save_checkpoint(model, tokenizer, out_dir, state_dict=None, trainer_state=No
     state_dict: the full weights when the model is sharded; trainer_state: saved beside them
     as trainer_state.pt, so weights and optimizer state can never come from different steps."""
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():  # refused before the temporary copy exists: nothing is left behind
+        raise ValueError(f"{out_dir}: a symlink; a checkpoint is written as a directory of its own")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     attn = model.config._attn_implementation
     model.config._attn_implementation = "sdpa"  # a plain from_pretrained must not need our registry
     try:  # save_pretrained empties the dict it is given, hence the copy
         model.save_pretrained(tmp, state_dict=dict(state_dict) if state_dict is not None else None)
+        tokenizer.save_pretrained(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+    except (OSError, SafetensorError) as e:  # a full disk, a size limit: no half-written copy stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(
+            getattr(e, "errno", None), getattr(e, "strerror", None) or str(e), str(out_dir)
+        ) from None
     finally:
         model.config._attn_implementation = attn
-    tokenizer.save_pretrained(tmp)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -11,7 +11,7 @@ import re
 import time
 from pathlib import Path
 
-from support.distributed import read_torch_state, save_torch_atomic
+from support.distributed import check_optimizer_state, read_torch_state, save_torch_atomic
 from support.model import save_checkpoint
 from support.rundir import append_metrics, write_atomic
 
@@ -25,7 +25,8 @@ def latest_policy(run):
     latest = Path(run) / "policy" / "latest"
     if not latest.is_file():
         raise FileNotFoundError(f"{latest}: no policy yet (run `python sft.py --run {run}` first)")
-    name = latest.read_text().strip()
+    with open(latest, "rb") as f:  # a name, not a file to read whole
+        name = f.read(64).decode(errors="replace").strip()
     if not re.fullmatch(r"step_\d{6}", name) or not (latest.parent / name / "config.json").is_file():
         raise ValueError(f"{latest}: names {name!r}, which is not a checkpoint in {latest.parent}")
     return int(name[len("step_") :]), latest.parent / name
@@ -40,10 +41,23 @@ def read_state(path):
     """dipo_state.pt, if any: the step of the last update and its optimizer state."""
     if not path.is_file():
         return None
-    state = read_torch_state(path, {"step": int})
-    if not isinstance(state.get("optimizer", {}), dict):
-        raise ValueError(f"{path}: optimizer: not a state dict; delete the file to start over")
-    return state
+    return read_torch_state(path, {"step": int})
+
+
+def check_state(state, policy_step, model, path):
+    """dipo_state.pt belongs to the latest policy: its step is the policy's (a state of another
+    step is one the policy was rolled back under, or a copy from another run) and its optimizer
+    state fits the model. The one other step, k+1 with that checkpoint written, is the
+    interrupted commit that finish_interrupted completes before this check."""
+    if state is None:
+        return
+    if state["step"] != policy_step:
+        raise ValueError(
+            f"{path}: step {state['step']}, but policy/latest is step {policy_step}; "
+            f"delete the file to start the optimizer over"
+        )
+    if "optimizer" in state:
+        check_optimizer_state(state["optimizer"], model, path)
 
 
 def finish_interrupted(run, policy_step, state, rank):

@@ -31,7 +31,7 @@ def stream_start(cfg, step, out):
         return step * cfg.num_prompts
     try:
         end = json.loads(previous.read_text())["end"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         end = None
     if not is_int(end) or end < 0:
         raise ValueError(

@@ -31,12 +31,18 @@ _LOCKS = []  # this process's lock files: closing one would release its lock
 
 
 def write_atomic(path, data):
-    """Write str or bytes to `path` through a temporary sibling and os.replace."""
+    """Write str or bytes to `path` through a temporary sibling and os.replace. A failed write
+    (a full disk, a file-size limit) leaves neither the temporary file nor a changed `path`,
+    and its OSError names `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def finite_or_none(value):
@@ -52,20 +58,44 @@ def finite_or_none(value):
 
 def append_metrics(run, *records):
     """Lines of metrics.jsonl, each with the wall time (loop curves, time splits). Strict JSON
-    (no NaN), and never through a symlink: O_NOFOLLOW refuses one."""
+    (no NaN), never through a symlink (O_NOFOLLOW refuses one), and all lines in one write: a
+    write cut short (a file-size limit, a full disk) is taken back, and a fragment that a killed
+    writer left at the end is first ended with a newline, so no line is ever glued to it."""
     Path(run).mkdir(parents=True, exist_ok=True)
-    lines = "".join(
+    data = "".join(
         json.dumps(finite_or_none({"time": round(time.time(), 3), **r}), allow_nan=False) + "\n"
         for r in records
-    )
+    ).encode()
     path = Path(run) / "metrics.jsonl"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
         why = "a symlink; the files of a run may not be links" if e.errno == errno.ELOOP else e.strerror
         raise ValueError(f"{path}: cannot append: {why}") from None
-    with os.fdopen(fd, "a") as f:
-        f.write(lines)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        written = os.write(fd, data)
+        if written < len(data):
+            os.ftruncate(fd, size)
+            raise OSError(errno.EFBIG, f"only {written} of {len(data)} bytes could be written")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot append: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def read_metrics(run):
+    """The records of metrics.jsonl. A broken line (a killed writer's fragment) is skipped with
+    a warning naming FILE:LINE on stderr: the lines around it are whole."""
+    from support.data import read_records
+
+    problems = []
+    records = [r for _, r in read_records(Path(run) / "metrics.jsonl", problems)]
+    for problem in problems:
+        print(f"warning: skipped {problem}", file=sys.stderr)
+    return records
 
 
 def record_invocation(run, stage, cfg):
@@ -101,9 +131,11 @@ def lock_run(run, stage):
     dies, kill -9 included. Then the temporary leftovers of writers that died mid-write
     (.NAME.tmp-PID entries whose process is gone) are removed."""
     run = Path(run)
-    for name in ("metrics.jsonl", "dipo_state.pt", "policy/latest", ".lock"):
+    names = ["metrics.jsonl", "dipo_state.pt", ".lock", "rollouts", "config", "eval", "policy", "sft"]
+    names += [f"policy/{p.name}" for p in (run / "policy").glob("*") if not (run / "policy").is_symlink()]
+    for name in names:
         if (run / name).is_symlink():  # a write through it would land outside the run
-            raise ValueError(f"{run / name}: a symlink; the files of a run may not be links")
+            raise ValueError(f"{run / name}: a symlink; the files and folders of a run may not be links")
     run.mkdir(parents=True, exist_ok=True)
     handle = open(run / ".lock", "a+")
     try:

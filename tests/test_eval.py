@@ -5,6 +5,7 @@ the data adapters, the metrics."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -527,6 +528,17 @@ def test_whole_responses(truth, response, expected):
         (3, "\\text{12 cm}", "12"),
         (4, "\\frac{1}{3}.", "\\frac13"),
         (4, "5 \\text{ cm}.", "5"),
+        (5, "∞", "\\infty"),
+        (5, "(-∞, 3)", "(-\\infty, 3)"),
+        (6, "5 = x", "5"),
+        (6, "\\frac{1}{2} = y", "\\frac12"),
+        (7, "3.2e5", "320000"),
+        (7, "1e-7", "0.0000001"),
+        (8, "0.\\overline{3}", "\\frac{1}{3}"),
+        (8, "1.1\\overline{6}", "\\frac{7}{6}"),
+        (9, "0.333\\ldots", "\\frac13"),
+        (9, "0.1666...", "\\frac{1}{6}"),
+        (9, "0.142857142857\\dots", "\\frac{1}{7}"),
     ],
 )
 def test_each_thin_rule_is_needed(monkeypatch, rule, pred, truth):
@@ -535,6 +547,76 @@ def test_each_thin_rule_is_needed(monkeypatch, rule, pred, truth):
     assert ev.grade(response, truth) == 1.0
     monkeypatch.setattr(ev, "NORMALISE", [r for k, r in enumerate(ev.NORMALISE) if k != rule])
     assert ev.grade(response, truth) == 0.0
+
+
+@pytest.mark.parametrize(
+    "pred,truth",
+    [
+        ("0.333", "\\frac13"),  # a rounded decimal is not the fraction
+        ("0.3\\ldots", "\\frac13"),  # no repeat shown: read as it stands
+        ("2e", "2"),
+        ("e^{2}", "e^2"),
+        ("x = 5", "5 = x"),
+        ("1, 2, 3, \\ldots", "1, 2, 3"),
+    ],
+)
+def test_the_rules_leave_other_answers_alone(pred, truth):
+    response = f"The answer is $\\boxed{{{pred}}}$."
+    assert ev.grade(response, truth) == float(pred in ("e^{2}", "x = 5"))
+
+
+@pytest.mark.parametrize("pred", ["\\,9\\,", "\\;9", "9\\,", "\\, 9 \\,", "\\!9"])
+def test_a_padded_box_agrees_with_math_verify_alone(pred):
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    response = f"So $\\boxed{{{pred}}}$."
+    config = [LatexExtractionConfig(boxed_match_priority=0)]
+    alone = verify(parse("$9$", config), parse(response, config))
+    assert ev.grade(response, "9") == float(alone) == 1.0
+
+
+@pytest.mark.parametrize(
+    "pred",
+    [
+        "3 \\text{ (or possibly 4)}",
+        "3 \\text{ maybe}",
+        "3 \\text{ (or 4)}",
+        "3 \\text{ (probably)}",
+        "3 \\text{, perhaps 4}",
+    ],
+)
+def test_a_hedged_box_gets_no_credit(monkeypatch, pred):
+    response = f"The answer is $\\boxed{{{pred}}}$."
+    assert ev.grade(response, "3") == 0.0
+    assert ev.grade(response, "3 \\text{ (or 4)}") in (0.0, 1.0)  # a gold that hedges is not refused
+    monkeypatch.setattr(ev, "HEDGED", re.compile(r"(?!)"))
+    assert ev.grade(response, "3") == 1.0
+
+
+@pytest.mark.parametrize(
+    "response, gold, expected",
+    [
+        ("\\boxed{0.0000001}", 1e-7, 1.0),
+        ("\\boxed{1e-7}", 1e-7, 1.0),
+        ("\\boxed{2.5}", 2.5, 1.0),
+        ("\\boxed{12}", 12, 1.0),
+        ("\\boxed{13}", 12, 0.0),
+        ("\\boxed{1, 2}", [1, 2], 1.0),
+        ("\\boxed{1, 3}", [1, 2], 0.0),
+        ("\\boxed{None}", None, 0.0),
+        ("\\boxed{nan}", math.nan, 0.0),
+        ("\\boxed{\\infty}", math.inf, 0.0),
+        ("\\boxed{True}", True, 0.0),
+        ("\\boxed{1}", True, 0.0),
+        ("\\boxed{1}", {"a": 1}, 0.0),
+        ("\\boxed{1}", [], 0.0),
+        ("\\boxed{1}", [None], 0.0),
+        ("\\boxed{1}", 10**5000, 0.0),
+    ],
+    ids=lambda v: repr(v)[:30] if not isinstance(v, int) or abs(v) < 10**30 else "huge",
+)
+def test_golds_of_any_type(response, gold, expected):
+    assert ev.grade(response, gold) == expected
 
 
 def test_relations_equal_intervals_only_with_the_setting(monkeypatch):
@@ -730,7 +812,7 @@ def test_no_code_runs_from_model_text(tmp_path, wrap):
 
 def test_non_string_inputs_are_graded():
     assert ev.grade("\\boxed{1}", 1) == 1.0 and ev.grade("\\boxed{2}", 1) == 0.0
-    assert ev.grade("\\boxed{None}", None) in (0.0, 1.0) and ev.grade(None, "1") == 0.0
+    assert ev.grade("\\boxed{None}", None) == 0.0 and ev.grade(None, "1") == 0.0
 
 
 def test_data_adapters(tmp_path):
@@ -743,7 +825,7 @@ def test_data_adapters(tmp_path):
     ]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in raw))
-    got = ev.load_prompts(path)
+    got = [prompt for _, prompt in ev.load_prompts(path)]
     assert [(r["question"], r["ground_truth_answer"]) for r in got] == [
         ("q1", "1"),
         ("q2", "\\frac{1}{2}"),

@@ -2,6 +2,7 @@
 refused with one line on stderr and exit 1, before anything in the run is written; one writer
 at a time; leftovers of killed writers are cleaned; the grader is total."""
 
+import dataclasses
 import json
 import math
 import os
@@ -17,13 +18,13 @@ from test_dipo import make_run
 
 import dipo
 import eval as grader
+import rollout
+import sft
 import support.distributed
 import support.flags
 import support.policy
 import support.rundir
 from conftest import ROOT
-
-PROTECTED = ("policy/latest", "policy/step_000000/model.safetensors", "dipo_state.pt", "metrics.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,16 @@ def base(tmp_path_factory):
 
 
 def snapshot(run):
-    return {name: (run / name).read_bytes() if (run / name).is_file() else None for name in PROTECTED}
+    """Every file and link in the run's folder and beside it (where a symlinked folder of the
+    run points), the lock file aside."""
+    entries = {}
+    for path in sorted(run.parent.rglob("*")):
+        if path.name == ".lock":
+            continue
+        entries[path] = (
+            os.readlink(path) if path.is_symlink() else path.read_bytes() if path.is_file() else "dir"
+        )
+    return entries
 
 
 def rollouts(run):
@@ -95,6 +105,55 @@ def config_vocab(run):
     path = run / "policy" / "step_000000" / "config.json"
     config = json.loads(path.read_text())
     path.write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 7}))
+
+
+def to_outside(name):
+    """A folder of the run moved outside it and left as a symlink: writes would land there."""
+
+    def apply(run):
+        outside = run.parent / f"{run.name}-outside-{name.replace('/', '-')}"
+        if (run / name).exists():
+            shutil.move(run / name, outside)
+        else:
+            outside.mkdir()
+        (run / name).symlink_to(outside, target_is_directory=True)
+
+    return apply
+
+
+def edit_weights(edit):
+    def apply(run):
+        from safetensors.torch import load_file, save_file
+
+        path = run / "policy" / "step_000000" / "model.safetensors"
+        weights = load_file(path)
+        edit(weights)
+        save_file(weights, path, metadata={"format": "pt"})
+
+    return apply
+
+
+def nan_weight(weights):
+    weights["model.norm.weight"][3] = math.nan
+
+
+def optimizer_state(name, shape):
+    slots = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(shape), "exp_avg_sq": torch.zeros(shape)}
+    return {"step": 0, "optimizer": {"state": {name: slots}, "param_groups": [{"params": [name]}]}}
+
+
+def duplicate_line(run):
+    lines = rollouts(run).read_text().splitlines(keepends=True)
+    rollouts(run).write_text("".join(lines + lines[:1]))
+
+
+def first_prompt_id_as_int(run):
+    lines = rollouts(run).read_text().splitlines()
+    first = json.loads(lines[0])
+    first["prompt_id"] = int(first["prompt_id"])
+    rollouts(run).write_text(
+        "".join(json.dumps(r) + "\n" for r in [first] + [json.loads(x) for x in lines[1:]])
+    )
 
 
 CASES = {  # name: (how the run is broken, what the error line says)
@@ -160,6 +219,37 @@ CASES = {  # name: (how the run is broken, what the error line says)
     "config.json vocab_size disagrees": (config_vocab, "embeddings (107, 128), the weights (100, 128)"),
     "latest names no checkpoint": (write("policy/latest", "step_000009\n"), "not a checkpoint"),
     "metrics.jsonl is a symlink": (symlinked_metrics, "symlink"),
+    "a record repeated": (duplicate_line, "repeats line 1"),
+    "prompt_id mixes 5 and '5'": (first_prompt_id_as_int, "another type"),
+    "sample is missing": (edit_records(lambda r: {k: v for k, v in r.items() if k != "sample"}), "sample"),
+    "sample is negative": (edit_first("sample", -1), "sample"),
+    "reward is 1e308": (edit_first("reward", 1e308), "reward"),
+    "rollouts are not UTF-8": (write("rollouts/step_000000.jsonl", b'{"a": "\xff"}\n'), "not UTF-8"),
+    "rollouts are a folder": (
+        lambda run: (rollouts(run).unlink(), rollouts(run).mkdir()),
+        "not a regular file",
+    ),
+    "dipo_state.pt of a later step": (torch_file("dipo_state.pt", {"step": 3}), "policy/latest is step 0"),
+    "dipo_state.pt of other shapes": (
+        torch_file("dipo_state.pt", optimizer_state("model.norm.weight", (3, 3))),
+        "has shape (3, 3)",
+    ),
+    "dipo_state.pt of another model": (
+        torch_file("dipo_state.pt", optimizer_state("model.layers.9.mlp.up_proj.weight", (3,))),
+        "not a parameter",
+    ),
+    "model.safetensors truncated": (
+        lambda run: write(
+            "policy/step_000000/model.safetensors",
+            (run / "policy/step_000000/model.safetensors").read_bytes()[:5000],
+        )(run),
+        "not a readable safetensors file",
+    ),
+    "a NaN weight": (edit_weights(nan_weight), "model.norm.weight holds non-finite values"),
+    "config.json is not JSON": (write("policy/step_000000/config.json", "{"), "not a JSON config"),
+    "rollouts/ is a symlink": (to_outside("rollouts"), "symlink"),
+    "config/ is a symlink": (to_outside("config"), "symlink"),
+    "policy/step_000001 is a symlink": (to_outside("policy/step_000001"), "symlink"),
 }
 
 
@@ -177,7 +267,6 @@ def test_a_hostile_run_is_refused_in_one_line_and_nothing_is_written(case, base,
     message = str(exit.value.code)
     assert message.startswith("error: ") and "\n" not in message and says in message, message
     assert snapshot(run) == before
-    assert not (run / "config" / "dipo.json").exists() and not support.policy.policy_dir(run, 1).exists()
     assert "Traceback" not in capsys.readouterr().err
 
 
@@ -289,7 +378,120 @@ def test_the_grader_is_total(response, gold):
 def test_integer_golds_become_strings_where_prompts_are_loaded(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"question": "1 + 1?", "ground_truth_answer": 2}) + "\n")
-    assert grader.load_prompts(path)[0]["ground_truth_answer"] == "2"
+    assert grader.load_prompts(path) == [(1, {"question": "1 + 1?", "ground_truth_answer": "2"})]
+
+
+def prompt_file(name, *records, raw=None):
+    def apply(run):
+        path = run.parent / name
+        path.write_bytes(raw if raw is not None else "".join(json.dumps(r) + "\n" for r in records).encode())
+        return ["--data", str(path)]
+
+    return apply
+
+
+def huge_logits(weights):
+    weights["lm_head.weight"].fill_(3e38)  # finite weights whose logits overflow to infinity
+
+
+def then(edit, argv):
+    def apply(run):
+        edit(run)
+        return argv
+
+    return apply
+
+
+STAGE_CASES = {  # name: (stage, how the input is broken -> extra flags, what the error line says)
+    "rollout: a prompt longer than the model": (
+        rollout,
+        prompt_file(
+            "long.jsonl",
+            {"question": "1+1=?", "ground_truth_answer": "2"},
+            {"question": "9" * 3000, "ground_truth_answer": "9"},
+        ),
+        "long.jsonl:2: the prompt is",
+    ),
+    "rollout: a gold that is null": (
+        rollout,
+        prompt_file("null.jsonl", {"question": "1+1=?", "ground_truth_answer": None}),
+        "null.jsonl:1",
+    ),
+    "rollout: no prompts": (rollout, prompt_file("empty.jsonl", raw=b"\n"), "no prompts"),
+    "rollout: --data is a device": (rollout, lambda run: ["--data", "/dev/zero"], "not a regular file"),
+    "rollout: --data past --max-data-mb": (
+        rollout,
+        lambda run: (
+            prompt_file("big.jsonl", *[{"question": "1+1=?", "ground_truth_answer": "2"}] * 5000)(run)
+            + ["--max-data-mb", "0.1"]
+        ),
+        "larger than 0.1 MB",
+    ),
+    "rollout: --data not UTF-8": (
+        rollout,
+        prompt_file("latin.jsonl", raw=b'{"question": "\xe9"}\n'),
+        "latin.jsonl:1: not UTF-8",
+    ),
+    "rollout: a NaN weight": (rollout, then(edit_weights(nan_weight), []), "holds non-finite values"),
+    "rollout: logits overflow": (rollout, then(edit_weights(huge_logits), []), "non-finite logits"),
+    "rollout: rollouts/ is a symlink": (rollout, then(to_outside("rollouts"), []), "symlink"),
+    "rollout: config/ is a symlink": (rollout, then(to_outside("config"), []), "symlink"),
+    "sft: --data is a device": (
+        sft,
+        lambda run: ["--data", "/dev/zero", "--run", "NEW"],
+        "not a regular file",
+    ),
+    "sft: --data past --max-data-mb": (
+        sft,
+        lambda run: [
+            "--data",
+            str(ROOT / "data" / "arith_sft.jsonl"),
+            "--max-data-mb",
+            "0.5",
+            "--run",
+            "NEW",
+        ],
+        "larger than 0.5 MB",
+    ),
+    "sft: --model with a NaN weight": (
+        sft,
+        then(edit_weights(nan_weight), ["--model", "POLICY", "--run", "NEW"]),
+        "holds non-finite values",
+    ),
+    "sft: --resume with a state of other shapes": (sft, "resume", "has shape (3, 3)"),
+}
+
+
+def sft_resume_state(run):
+    """An sft/ save whose optimizer state has the wrong shapes, saved with the same settings."""
+    shutil.copytree(support.policy.policy_dir(run, 0), run / "sft")
+    config = dataclasses.asdict(sft.Config(run=str(run), threads=1, resume=True))
+    state = {**optimizer_state("model.norm.weight", (3, 3)), "step": 1, "config": config, "scheduler": {}}
+    torch.save(state, run / "sft" / "trainer_state.pt")
+    return ["--resume"]
+
+
+@pytest.mark.parametrize("case", STAGE_CASES)
+def test_hostile_stage_inputs_are_refused_in_one_line_and_nothing_is_written(case, base, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(base, run, symlinks=True)
+    stage, breaks, says = STAGE_CASES[case]
+    argv = sft_resume_state(run) if breaks == "resume" else breaks(run)
+    argv = [str(support.policy.policy_dir(run, 0)) if a == "POLICY" else a for a in argv]
+    if "NEW" in argv:  # a fresh run for sft, made before the snapshot
+        (tmp_path / "new").mkdir()
+        argv = [str(tmp_path / "new") if a == "NEW" else a for a in argv]
+    else:
+        argv = ["--run", str(run), *argv]
+    if stage is rollout:
+        argv += ["--force", "--num-prompts", "1", "--group-size", "1", "--max-new-tokens", "8"]
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as exit:
+        support.flags.run_stage(stage.main, stage.Config, "", [*argv, "--threads", "1"])
+    message = str(exit.value.code)
+    assert message.startswith("error: ") and "\n" not in message and says in message, message
+    assert snapshot(run) == before
+    assert "Traceback" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stage", ["dipo.py", "rollout.py", "sft.py"])
@@ -320,3 +522,45 @@ def test_on_the_command_line_bad_input_is_one_line_on_stderr(stage, base, tmp_pa
         out.stderr
     )
     assert files() == before  # no config, no metrics line, no weights
+
+
+def test_an_append_after_a_half_written_line_starts_a_line_of_its_own(tmp_path, capsys):
+    support.rundir.append_metrics(tmp_path, {"stage": "a", "n": 1}, {"stage": "b", "n": 2})
+    path = tmp_path / "metrics.jsonl"
+    os.truncate(path, path.stat().st_size - 10)  # a writer killed mid-line
+    support.rundir.append_metrics(tmp_path, {"stage": "c", "n": 3})
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["stage"] == "c"
+    assert [r["stage"] for r in support.rundir.read_metrics(tmp_path)] == ["a", "c"]
+    assert f"warning: skipped {path}:2:" in capsys.readouterr().err
+
+
+def test_an_append_past_the_file_size_limit_writes_nothing(tmp_path):
+    support.rundir.append_metrics(tmp_path, {"stage": "a"})
+    path = tmp_path / "metrics.jsonl"
+    before = path.read_bytes()
+    code = (
+        "import resource, sys; sys.path.insert(0, '.'); import support.rundir\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) + 100}, resource.RLIM_INFINITY))\n"
+        f"support.rundir.append_metrics({str(tmp_path)!r}, {{'stage': 'b', 'pad': 'x' * 600}})"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1 and f"{path}: cannot append" in out.stderr, out.stderr
+    assert path.read_bytes() == before  # no half line
+    support.rundir.append_metrics(tmp_path, {"stage": "c"})
+    assert [r["stage"] for r in support.rundir.read_metrics(tmp_path)] == ["a", "c"]
+
+
+def test_dipo_under_a_file_size_limit_fails_in_one_line_and_the_next_run_succeeds(base, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    command = f"ulimit -f 64; exec {sys.executable} dipo.py --run {run} --threads 1"
+    out = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True)
+    last = out.stderr.splitlines()[-1]  # after the update's progress bar
+    assert out.returncode == 1 and last.startswith("error: ") and "Traceback" not in out.stderr, out.stderr
+    assert "step_000001: " in last and "File too large" in last
+    assert not list(run.rglob("*.tmp-*")) and not support.policy.policy_dir(run, 1).exists()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in lines)  # whole lines only (the start line is one)
+    assert dipo.main(dipo.Config(run=str(run), threads=1)) == 0
+    assert support.policy.latest_policy(run)[0] == 1

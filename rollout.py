@@ -4,7 +4,7 @@ Reads  runs/<run>/policy/latest (step k) and its checkpoint, or --policy DIR
        prompts: --data FILE (JSON list or JSONL, {"question", "ground_truth_answer"} or the
        benchmark layouts eval.load_prompts accepts); default the built-in RL split
 Writes runs/<run>/rollouts/step_<k>.jsonl, or --out FILE; one line per sampled response:
-       policy_step, prompt_id, question, ground_truth_answer, prompt_ids, response_ids,
+       policy_step, prompt_id, sample, question, ground_truth_answer, prompt_ids, response_ids,
        step_map, logprobs, text, reward, finish, sampler (docs/design.md, "The rollout record");
        with --dynamic-sampling also step_<k>.stream.json beside it: the stream positions its
        rounds used ({start, end, rounds, prompts_sampled, groups_kept}), where step k+1 starts

@@ -95,7 +95,13 @@ def read_config(path, config_cls):
         raise ValueError(f"{constant} is not JSON")
 
     try:
-        values = json.loads(Path(path).read_text(), parse_constant=not_json)
+        if not Path(path).is_file():
+            raise ValueError("not a file")
+        with open(path, "rb") as f:
+            data = f.read(2**20 + 1)
+        if len(data) > 2**20:
+            raise ValueError("larger than 1 MB; a config holds flags")
+        values = json.loads(data.decode(), parse_constant=not_json)
     except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"--config {path}: {e}") from None
     fields = {f.name: f for f in dataclasses.fields(config_cls)}

@@ -32,6 +32,7 @@ DEFAULT_BLOCK_SIZE = 4
 DIRL_INSTRUCTION = "Please reason step by step, and put your final answer within $\\boxed{}$."
 TINY_INSTRUCTION = ""  # every character is a token for the tiny tokenizer, and the task always boxes
 transformers.utils.logging.disable_progress_bar()  # a bar per load or save would bury the stages' own bars
+transformers.utils.logging.set_verbosity_error()  # its load report: open_checkpoint refuses what it reports
 
 
 # ----------------------------------------------------------------------------- the text format
@@ -149,6 +150,14 @@ def checkpoint_config(path):
         )
     config.mask_token_id = mask_id
     config.block_size = getattr(config, "block_size", None) or DEFAULT_BLOCK_SIZE  # some SDAR copies omit it
+    if type(config.block_size) is not int or not 0 < config.block_size <= config.max_position_embeddings:
+        raise ValueError(
+            f"{path / 'config.json'}: block_size {config.block_size!r} is not a positive integer"
+        )
+    if not 0 <= mask_id < config.vocab_size:
+        raise ValueError(
+            f"{path}: the mask token id {mask_id} is outside the vocabulary ({config.vocab_size})"
+        )
     config.instruction = getattr(config, "instruction", DIRL_INSTRUCTION)
     return config, tokenizer
 
@@ -191,10 +200,21 @@ def open_checkpoint(path, dtype):
         if shape is not None and shape != embedding:
             raise ValueError(f"{path}: config.json says embeddings {embedding}, the weights {shape}")
     try:
-        model = Qwen3ForCausalLM.from_pretrained(path, config=config, dtype=dtype)
-    except (OSError, RuntimeError, ValueError) as e:  # missing or mis-shaped weights
+        model, info = Qwen3ForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, output_loading_info=True
+        )
+    except (OSError, RuntimeError, ValueError) as e:  # mis-shaped weights
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: the weights do not load with its config.json ({first})") from None
+    for kind in (
+        "missing_keys",
+        "unexpected_keys",
+    ):  # transformers would initialise a missing weight at random
+        if info[kind]:
+            names = sorted(info[kind])
+            raise ValueError(
+                f"{path}: weights {kind.split('_')[0]}: {', '.join(names[:3])} ({len(names)} in all)"
+            )
     for name, weight in model.named_parameters():
         if not torch.isfinite(weight).all():  # one NaN would reach every logit, record and update
             raise ValueError(f"{path}: weight {name} holds non-finite values")

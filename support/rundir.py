@@ -136,6 +136,9 @@ def lock_run(run, stage):
     for name in names:
         if (run / name).is_symlink():  # a write through it would land outside the run
             raise ValueError(f"{run / name}: a symlink; the files and folders of a run may not be links")
+    for name in ("metrics.jsonl", "dipo_state.pt", "policy/latest"):
+        if (run / name).exists() and not (run / name).is_file():
+            raise ValueError(f"{run / name}: not a regular file")
     run.mkdir(parents=True, exist_ok=True)
     handle = open(run / ".lock", "a+")
     try:

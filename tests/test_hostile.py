@@ -247,6 +247,24 @@ CASES = {  # name: (how the run is broken, what the error line says)
     ),
     "a NaN weight": (edit_weights(nan_weight), "model.norm.weight holds non-finite values"),
     "config.json is not JSON": (write("policy/step_000000/config.json", "{"), "not a JSON config"),
+    "a weight is missing": (
+        edit_weights(lambda w: w.pop("model.layers.1.mlp.up_proj.weight")),
+        "weights missing: model.layers.1.mlp.up_proj.weight",
+    ),
+    "an unknown weight": (
+        edit_weights(lambda w: w.update(extra=torch.zeros(2))),
+        "weights unexpected: extra",
+    ),
+    "block_size is negative": (
+        lambda run: (run / "policy/step_000000/config.json").write_text(
+            json.dumps({**json.loads((run / "policy/step_000000/config.json").read_text()), "block_size": -4})
+        ),
+        "block_size -4",
+    ),
+    "dipo_state.pt is a folder": (
+        lambda run: ((run / "dipo_state.pt").unlink(), (run / "dipo_state.pt").mkdir()),
+        "not a regular file",
+    ),
     "rollouts/ is a symlink": (to_outside("rollouts"), "symlink"),
     "config/ is a symlink": (to_outside("config"), "symlink"),
     "policy/step_000001 is a symlink": (to_outside("policy/step_000001"), "symlink"),
@@ -432,6 +450,7 @@ STAGE_CASES = {  # name: (stage, how the input is broken -> extra flags, what th
         prompt_file("latin.jsonl", raw=b'{"question": "\xe9"}\n'),
         "latin.jsonl:1: not UTF-8",
     ),
+    "rollout: --config is a device": (rollout, lambda run: ["--config", "/dev/zero"], "--config /dev/zero"),
     "rollout: a NaN weight": (rollout, then(edit_weights(nan_weight), []), "holds non-finite values"),
     "rollout: logits overflow": (rollout, then(edit_weights(huge_logits), []), "non-finite logits"),
     "rollout: rollouts/ is a symlink": (rollout, then(to_outside("rollouts"), []), "symlink"),

@@ -140,17 +140,22 @@ def kill_when(process, ready, timeout=300):
 def test_killed_anywhere_the_same_command_finishes_the_same_run(reference, test_file, tmp_path):
     run = tmp_path / "run"
 
-    def started(stage, count=1):
-        path = run / "metrics.jsonl"
-        return path.is_file() and path.read_text().count(f'"stage": "{stage}", "event": "start"') >= count
+    def holding(stage, latest="step_000000"):  # the stage holds the run's lock at that policy step
+        lock, named = run / ".lock", run / "policy" / "latest"
+        return (
+            lock.is_file()
+            and f"({stage})" in lock.read_text()
+            and named.is_file()
+            and named.read_text().strip() == latest
+        )
 
     kill_points = [
         ("during sft, after a save", lambda: (run / "sft").is_dir()),
-        ("during the first rollout", lambda: started("rollout")),
-        ("during the first update", lambda: started("dipo")),
+        ("during the first rollout", lambda: holding("rollout")),
+        ("during the first update", lambda: holding("dipo")),
         (
             "during the second update, a random moment",
-            lambda: started("dipo", 2) and time.sleep(random.uniform(0, 3)) is None,
+            lambda: holding("dipo", "step_000001") and time.sleep(random.uniform(0, 3)) is None,
         ),
     ]
     for name, ready in kill_points:

@@ -28,3 +28,26 @@ def assert_same_records(got, want, atol=1e-5):
         else:
             assert len(g["logprobs"]) == len(w["logprobs"])
             assert max((abs(a - b) for a, b in zip(g["logprobs"], w["logprobs"])), default=0.0) <= atol
+
+
+def run_here(stage, argv):
+    """A stage's command line, run in this process, with what subprocess.run would give:
+    returncode, stdout, stderr. A fresh process spends most of its seconds importing torch and
+    transformers; the tests of the command line itself (tests/test_scripts.py,
+    tests/test_hostile.py) start one."""
+    import contextlib
+    import io
+    import types
+
+    from support.flags import run_stage
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_stage(stage.main, stage.Config, stage.__doc__, [str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    if isinstance(code, str):  # run_stage's one error line
+        err.write(code + "\n")
+        code = 1
+    return types.SimpleNamespace(returncode=code or 0, stdout=out.getvalue(), stderr=err.getvalue())

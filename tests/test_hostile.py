@@ -184,6 +184,10 @@ CASES = {  # name: (how the run is broken, what the error line says)
         edit_records(lambda r: {**r, "sampler": {**r["sampler"], "block_size": 8}}),
         "block size 8",
     ),
+    "sampled with --min-new-tokens": (
+        edit_records(lambda r: {**r, "sampler": {**r["sampler"], "min_new_tokens": 128}}),
+        "evaluation-only",
+    ),
     "sampled with --ban-eos": (
         edit_records(lambda r: {**r, "sampler": {**r["sampler"], "ban_eos": True}}),
         "evaluation-only",

@@ -14,10 +14,11 @@ import torch
 import attention
 import rollout
 import support.engine
+import support.flags
 import support.model
 import support.policy
 import support.row_cache
-from conftest import ROOT, assert_same_records
+from conftest import ROOT, assert_same_records, run_here
 
 PROMPT_LENGTHS = [5, 8, 11, 3, 14]  # mixed, including whole blocks (8) and a prompt shorter than a block (3)
 
@@ -317,12 +318,7 @@ def read_records(path):
 
 
 def run_rollout(args):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "rollout.py"), "--threads", "1", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    return run_here(rollout, ["--threads", 1, *args])
 
 
 def test_every_recorded_logprob_is_the_models_in_the_state_its_step_map_implies(run_dir, stopping_model):
@@ -390,22 +386,27 @@ def test_every_recorded_logprob_is_the_models_in_the_state_its_step_map_implies(
     ] == records
 
 
+def refusal(argv):
+    """rollout.py's command line, in this process (no start-up to wait for): its one error line."""
+    with pytest.raises(SystemExit) as exit:
+        support.flags.run_stage(rollout.main, rollout.Config, "", [*map(str, argv), "--threads", "1"])
+    return str(exit.value.code)
+
+
 def test_bad_inputs_are_refused(run_dir, tmp_path):
-    missing = run_rollout(["--run", tmp_path / "nothing"])
-    assert missing.returncode != 0 and "no policy yet" in missing.stderr
+    assert "no policy yet" in refusal(["--run", tmp_path / "nothing"])
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"question": "1+1", "ground_truth_answer": "2"}\n{"query": "2+2"}\n')
-    wrong_keys = run_rollout(["--run", run_dir, "--data", bad, "--out", tmp_path / "o.jsonl"])
-    assert wrong_keys.returncode != 0 and "prompts.jsonl:2: no question/answer keys" in wrong_keys.stderr
-    mismatch = run_rollout(["--run", run_dir, "--block-size", 8, "--out", tmp_path / "o.jsonl"])
-    assert mismatch.returncode != 0 and "--block-size 8 differs from the checkpoint's 4" in mismatch.stderr
+    wrong_keys = refusal(["--run", run_dir, "--data", bad, "--out", tmp_path / "o.jsonl"])
+    assert "prompts.jsonl:2: no question/answer keys" in wrong_keys
+    mismatch = refusal(["--run", run_dir, "--block-size", 8, "--out", tmp_path / "o.jsonl"])
+    assert "--block-size 8 differs from the checkpoint's 4" in mismatch
     no_mask = tmp_path / "no_mask"
     model, tokenizer = support.model.load_model("tiny")
     support.model.save_checkpoint(model, tokenizer, no_mask)
     tok_json = (no_mask / "tokenizer.json").read_text().replace("<|MASK|>", "<|FOO|>")
     (no_mask / "tokenizer.json").write_text(tok_json)
-    refused = run_rollout(["--policy", no_mask, "--out", tmp_path / "o.jsonl"])
-    assert refused.returncode != 0 and "no mask token" in refused.stderr
+    assert "no mask token" in refusal(["--policy", no_mask, "--out", tmp_path / "o.jsonl"])
     assert not (tmp_path / "o.jsonl").exists()
 
 

@@ -3,7 +3,6 @@ and the script as a subprocess (a run, a killed-and-resumed run, 2 processes, ba
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -14,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 import sft
+import support.flags
 import support.model
 import support.policy
-from conftest import ROOT
+from conftest import ROOT, run_here
 
 MASK, PAD = 3, 0
 
@@ -124,16 +124,8 @@ def small_data(tmp_path, n=48):
     return path
 
 
-def run_sft(args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "sft.py"), "--threads", "1", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        **kw,
-    )
+def run_sft(args):
+    return run_here(sft, ["--threads", 1, *args])
 
 
 def sft_args(tmp_path, run, steps=30):
@@ -259,13 +251,21 @@ def test_bad_input_exits_non_zero_naming_file_and_line(tmp_path, content, messag
     data = tmp_path / "sft.jsonl"
     if content is not None:
         data.write_text(content)
-    out = run_sft(["--data", data, "--run", tmp_path / "r", "--steps", 1])
-    assert out.returncode != 0 and message in out.stderr
+    assert message in refusal(["--data", data, "--run", tmp_path / "r", "--steps", 1])
     assert not (tmp_path / "r" / "policy").exists()
+
+
+def refusal(argv):
+    """sft.py's command line, in this process (no start-up to wait for): its one error line."""
+    with pytest.raises(SystemExit) as exit:
+        support.flags.run_stage(sft.main, sft.Config, "", [*map(str, argv), "--threads", "1"])
+    return str(exit.value.code)
 
 
 def test_all_overlong_data_is_refused(tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"prompt": "1+1", "response": "2" * 100}) + "\n")
-    out = run_sft(["--data", data, "--run", tmp_path / "r", "--steps", 1, "--max-len", 64, "--eval-docs", 0])
-    assert out.returncode != 0 and "no training documents left" in out.stderr and "1 overlong" in out.stderr
+    message = refusal(
+        ["--data", data, "--run", tmp_path / "r", "--steps", 1, "--max-len", 64, "--eval-docs", 0]
+    )
+    assert "no training documents left" in message and "1 overlong" in message

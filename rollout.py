@@ -62,8 +62,8 @@ import eval as grader
 from support import distributed, engine, rundir
 from support.data import MAX_DATA_MB, data_stream
 from support.flags import flag, run_stage
-from support.model import IM_END, load_model, render_prompt
-from support.rollout_files import output_path, stream_start, write_rollouts
+from support.model import IM_END, load_model
+from support.rollout_files import encode_prompts, output_path, stream_start, write_rollouts
 from support.row_cache import LiveRows, RowCache, compaction_order
 
 STRATEGIES = ("low_confidence_dynamic", "low_confidence_static", "sequential")
@@ -398,19 +398,10 @@ def load_inputs(cfg, policy, device):
         raise ValueError(
             f"--block-size {cfg.block_size} differs from the checkpoint's {c.block_size} ({policy})"
         )
-    lines, prompts = zip(*grader.load_prompts(cfg.data, cfg.max_data_mb))
+    numbered = grader.load_prompts(cfg.data, cfg.max_data_mb)
     instruction = c.instruction if cfg.instruction == "auto" else cfg.instruction
-    texts = [render_prompt(p["question"], instruction) for p in prompts]
-    prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    for line, ids in zip(lines, prompt_ids):
-        # the sequence ends at the first block boundary at least max_new_tokens past the prompt
-        length = -(-(len(ids) + cfg.max_new_tokens) // c.block_size) * c.block_size
-        if length > c.max_position_embeddings:
-            raise ValueError(
-                f"{cfg.data}:{line}: the prompt is {len(ids)} tokens; with --max-new-tokens "
-                f"{cfg.max_new_tokens} that is {length}, past the model's {c.max_position_embeddings} positions"
-            )
-    return model.eval(), tokenizer, list(prompts), list(zip(texts, prompt_ids))
+    encoded = encode_prompts(numbered, tokenizer, instruction, cfg.max_new_tokens, c, cfg.data)
+    return model.eval(), tokenizer, [prompt for _, prompt in numbered], encoded
 
 
 def sample_jobs(jobs, step, cfg, policy, model, tokenizer, prompts, encoded, bar):

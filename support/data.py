@@ -121,6 +121,12 @@ def check_sampler(sampler, fail, block_size, mask_id):
         fail("sampler.max_new_tokens", "not a positive integer")
 
 
+def longest_sequence(prompt_len, max_new_tokens, block_size):
+    """The longest prompt + response the sampler writes: it stops at the first block boundary
+    at least max_new_tokens past the prompt."""
+    return -(-(prompt_len + max_new_tokens) // block_size) * block_size
+
+
 def check_rollout_record(r, where, policy_step, block_size, mask_id, vocab_size, max_len):
     """Every field dipo.py reads from a rollout record (docs/formats.md): types, ranges, finite
     numbers and lengths. Prompt + response may be no longer than the prompt plus the record's
@@ -147,8 +153,7 @@ def check_rollout_record(r, where, policy_step, block_size, mask_id, vocab_size,
     n, prompt_len = len(r["response_ids"]), len(r["prompt_ids"])
     if not n:
         fail("response_ids", "empty")
-    # the sampler stops at the first block boundary at least max_new_tokens past the prompt
-    limit = -(-(prompt_len + r["sampler"]["max_new_tokens"]) // block_size) * block_size
+    limit = longest_sequence(prompt_len, r["sampler"]["max_new_tokens"], block_size)
     if prompt_len + n > limit:
         fail(
             "response_ids", f"{n} tokens, more than the record's max_new_tokens allows ({limit - prompt_len})"

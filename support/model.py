@@ -180,13 +180,18 @@ def load_model(name_or_dir, dtype=torch.float32, device="cpu", attn="auto", seed
             )
         model, tokenizer = open_checkpoint(path, dtype)
     model.set_attn_implementation(BACKENDS[attn])
-    return model.to(device=device, dtype=dtype), tokenizer
+    model.to(device=device, dtype=dtype)
+    for name, weight in model.named_parameters():  # on the device, in the dtype the stage computes in
+        if not torch.isfinite(weight).all():  # one NaN would reach every logit, record and update
+            raise ValueError(f"{name_or_dir}: weight {name} holds non-finite values")
+    return model, tokenizer
 
 
 def open_checkpoint(path, dtype):
     """(model, tokenizer) of a checkpoint dir whose weights are checked before any work: every
-    safetensors file readable, the embedding of the shape config.json says, every weight finite.
-    A failure is one ValueError naming the file."""
+    safetensors file readable, the embedding of the shape config.json says, no weight missing
+    or unknown (load_model then checks that every weight is finite). A failure is one
+    ValueError naming the file."""
     config, tokenizer = checkpoint_config(path)
     embedding = (config.vocab_size, config.hidden_size)
     for file in sorted(path.glob("*.safetensors")):
@@ -215,9 +220,6 @@ def open_checkpoint(path, dtype):
             raise ValueError(
                 f"{path}: weights {kind.split('_')[0]}: {', '.join(names[:3])} ({len(names)} in all)"
             )
-    for name, weight in model.named_parameters():
-        if not torch.isfinite(weight).all():  # one NaN would reach every logit, record and update
-            raise ValueError(f"{path}: weight {name} holds non-finite values")
     return model, tokenizer
 
 

@@ -1,14 +1,32 @@
-"""rollout.py's files: where a policy step's rollouts go, where its prompts start in the
-stream (the .stream.json that --dynamic-sampling leaves beside the step before), and the
-rollout file itself with its metrics line. Used by rollout.py.
+"""rollout.py's files: its prompts as token ids, where a policy step's rollouts go, where its
+prompts start in the stream (the .stream.json that --dynamic-sampling leaves beside the step
+before), and the rollout file itself with its metrics line. Used by rollout.py.
 """
 
 import json
 from pathlib import Path
 
 from support import rundir
-from support.data import forwards_of, is_int
+from support.data import forwards_of, is_int, longest_sequence
+from support.model import render_prompt
 from support.policy import latest_policy
+
+
+def encode_prompts(numbered, tokenizer, instruction, max_new_tokens, model_config, data):
+    """[(text, token ids)] of eval.load_prompts' [(line, prompt)] from the file `data`, each
+    question rendered with `instruction`. A prompt whose sequence would pass the model's
+    positions is refused at its FILE:LINE, before any cache is allocated."""
+    c = model_config
+    texts = [render_prompt(p["question"], instruction) for _, p in numbered]
+    prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for (line, _), ids in zip(numbered, prompt_ids):
+        length = longest_sequence(len(ids), max_new_tokens, c.block_size)
+        if length > c.max_position_embeddings:
+            raise ValueError(
+                f"{data}:{line}: the prompt is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} "
+                f"that is {length}, past the model's {c.max_position_embeddings} positions"
+            )
+    return list(zip(texts, prompt_ids))
 
 
 def output_path(cfg):

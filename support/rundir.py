@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from support.data import read_records
+
 TEMPORARY = re.compile(r"\..+\.tmp-(\d+)")  # write_atomic's and save_checkpoint's temporary names
 _LOCKS = []  # this process's lock files: closing one would release its lock
 
@@ -89,8 +91,6 @@ def append_metrics(run, *records):
 def read_metrics(run):
     """The records of metrics.jsonl. A broken line (a killed writer's fragment) is skipped with
     a warning naming FILE:LINE on stderr: the lines around it are whole."""
-    from support.data import read_records
-
     problems = []
     records = [r for _, r in read_records(Path(run) / "metrics.jsonl", problems)]
     for problem in problems:

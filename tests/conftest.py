@@ -51,3 +51,10 @@ def run_here(stage, argv):
         err.write(code + "\n")
         code = 1
     return types.SimpleNamespace(returncode=code or 0, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def refusal(stage, argv):
+    """The one `error:` line that a refused command line of `stage` ends with (run_here)."""
+    out = run_here(stage, [*argv, "--threads", 1])
+    assert out.returncode == 1, out.stderr
+    return out.stderr.strip().splitlines()[-1]

@@ -16,7 +16,7 @@ import attention
 import dipo
 import rollout
 import support.exact
-import support.flags
+from conftest import refusal
 
 MASK, VOCAB, BLOCK = 3, 4, 3
 PROMPT = [0, 1, 2]  # one whole block; the response is the next block of 3
@@ -282,12 +282,5 @@ def test_exact_script_is_invariant_to_micro_batches_and_processes_and_refuses_wh
         path.write_text(
             "".join(json.dumps({**r, "sampler": {**r["sampler"], **change}}) + "\n" for r in records)
         )
-        assert message in refusal(base, "--estimator", "exact")
-    assert "choose from dipo, exact" in refusal(base, "--estimator", "unbiased")
-
-
-def refusal(run, *args):
-    """dipo.py's command line, in this process (no start-up to wait for): its one error line."""
-    with pytest.raises(SystemExit) as exit:
-        support.flags.run_stage(dipo.main, dipo.Config, "", ["--run", str(run), "--threads", "1", *args])
-    return str(exit.value.code)
+        assert message in refusal(dipo, ["--run", base, "--estimator", "exact"])
+    assert "choose from dipo, exact" in refusal(dipo, ["--run", base, "--estimator", "unbiased"])

@@ -18,7 +18,7 @@ import support.flags
 import support.model
 import support.policy
 import support.row_cache
-from conftest import ROOT, assert_same_records, run_here
+from conftest import ROOT, assert_same_records, refusal, run_here
 
 PROMPT_LENGTHS = [5, 8, 11, 3, 14]  # mixed, including whole blocks (8) and a prompt shorter than a block (3)
 
@@ -386,27 +386,20 @@ def test_every_recorded_logprob_is_the_models_in_the_state_its_step_map_implies(
     ] == records
 
 
-def refusal(argv):
-    """rollout.py's command line, in this process (no start-up to wait for): its one error line."""
-    with pytest.raises(SystemExit) as exit:
-        support.flags.run_stage(rollout.main, rollout.Config, "", [*map(str, argv), "--threads", "1"])
-    return str(exit.value.code)
-
-
 def test_bad_inputs_are_refused(run_dir, tmp_path):
-    assert "no policy yet" in refusal(["--run", tmp_path / "nothing"])
+    assert "no policy yet" in refusal(rollout, ["--run", tmp_path / "nothing"])
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"question": "1+1", "ground_truth_answer": "2"}\n{"query": "2+2"}\n')
-    wrong_keys = refusal(["--run", run_dir, "--data", bad, "--out", tmp_path / "o.jsonl"])
+    wrong_keys = refusal(rollout, ["--run", run_dir, "--data", bad, "--out", tmp_path / "o.jsonl"])
     assert "prompts.jsonl:2: no question/answer keys" in wrong_keys
-    mismatch = refusal(["--run", run_dir, "--block-size", 8, "--out", tmp_path / "o.jsonl"])
+    mismatch = refusal(rollout, ["--run", run_dir, "--block-size", 8, "--out", tmp_path / "o.jsonl"])
     assert "--block-size 8 differs from the checkpoint's 4" in mismatch
     no_mask = tmp_path / "no_mask"
     model, tokenizer = support.model.load_model("tiny")
     support.model.save_checkpoint(model, tokenizer, no_mask)
     tok_json = (no_mask / "tokenizer.json").read_text().replace("<|MASK|>", "<|FOO|>")
     (no_mask / "tokenizer.json").write_text(tok_json)
-    assert "no mask token" in refusal(["--policy", no_mask, "--out", tmp_path / "o.jsonl"])
+    assert "no mask token" in refusal(rollout, ["--policy", no_mask, "--out", tmp_path / "o.jsonl"])
     assert not (tmp_path / "o.jsonl").exists()
 
 

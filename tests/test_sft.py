@@ -16,7 +16,7 @@ import sft
 import support.flags
 import support.model
 import support.policy
-from conftest import ROOT, run_here
+from conftest import ROOT, refusal, run_here
 
 MASK, PAD = 3, 0
 
@@ -251,21 +251,14 @@ def test_bad_input_exits_non_zero_naming_file_and_line(tmp_path, content, messag
     data = tmp_path / "sft.jsonl"
     if content is not None:
         data.write_text(content)
-    assert message in refusal(["--data", data, "--run", tmp_path / "r", "--steps", 1])
+    assert message in refusal(sft, ["--data", data, "--run", tmp_path / "r", "--steps", 1])
     assert not (tmp_path / "r" / "policy").exists()
-
-
-def refusal(argv):
-    """sft.py's command line, in this process (no start-up to wait for): its one error line."""
-    with pytest.raises(SystemExit) as exit:
-        support.flags.run_stage(sft.main, sft.Config, "", [*map(str, argv), "--threads", "1"])
-    return str(exit.value.code)
 
 
 def test_all_overlong_data_is_refused(tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"prompt": "1+1", "response": "2" * 100}) + "\n")
     message = refusal(
-        ["--data", data, "--run", tmp_path / "r", "--steps", 1, "--max-len", 64, "--eval-docs", 0]
+        sft, ["--data", data, "--run", tmp_path / "r", "--steps", 1, "--max-len", 64, "--eval-docs", 0]
     )
     assert "no training documents left" in message and "1 overlong" in message

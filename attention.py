@@ -17,8 +17,8 @@ prompt tokens are never masked, so they need no noisy copy.
 Backends, chosen per model (`--attn`): "flex" (FlexAttention with a cached BlockMask; the
 default on CUDA), "sdpa" (a dense boolean [B, 1, N, N] mask from the same `mask_mod`; the
 default elsewhere, since FlexAttention has no CPU backward) and "eager" (an additive float
-mask; for checking). The mask reaches our attention functions (registered with transformers'
-AttentionInterface as "dirl_flex" and "dirl_sdpa") untouched, as a dict keyed by layer type.
+mask and the softmax written out; for checking). The model (support/qwen3.py) hands the mask
+to `attend`, whose kernel follows the mask's form.
 
 Usage:  python attention.py --model PATH_OR_tiny [--save DIR]
         (prints what was loaded; --save writes it as a checkpoint of this project: support/model.py)
@@ -34,11 +34,10 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-BACKENDS = {"sdpa": "dirl_sdpa", "eager": "eager", "flex": "dirl_flex"}  # our name -> transformers' name
+BACKENDS = ("sdpa", "flex", "eager")  # the form of the mask, and so the attention kernel (`attend`)
 
 
 # ----------------------------------------------------------------------------- the mask
@@ -144,79 +143,34 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function for "dirl_flex": query [B, H, Q, D], key/value [B, Hkv, K, D],
-    attention_mask a BlockMask. Compiled on CUDA (once per shape); the eager reference elsewhere."""
-    attend = _compiled_flex_attention() if query.is_cuda else flex_attention
-    out = attend(
-        query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )
-    return out.transpose(1, 2).contiguous(), None  # [B, Q, H, D], no attention weights
-
-
-def _sdpa_attention_forward(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_rows=None, **kwargs
-):
-    """transformers attention function for "dirl_sdpa": torch's SDPA with the boolean mask and
-    enable_gqa, so that every query head reads its key/value head in place (transformers' own
-    "sdpa" copies them whenever a mask is given; the outputs are the same to the bit). Without
-    a mask of ours, transformers builds its causal one with `sdpa_mask`, or passes None.
-
-    packed_rows = (rows, slots, width), from the sampler's RowCache: the query is then
-    [1, H, T, D], chunks of several rows packed into one sequence; token t is query `slots[t]`
-    of row `rows[t]`. The queries are unpacked to [R, H, width, D] to meet the keys of their
-    rows [R, Hkv, K, D], and packed back."""
-    if packed_rows is not None:
-        rows, slots, width = packed_rows
-        unpacked = query.new_zeros(key.shape[0], query.shape[1], width, query.shape[3])
-        unpacked[rows, :, slots] = query[0].transpose(0, 1)  # [T, H, D] into [R, H, width, D]
-        query = unpacked
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        dropout_p=dropout,
-        scale=scaling,
-        is_causal=attention_mask is None and query.shape[2] > 1,
-        enable_gqa=query.shape[1] != key.shape[1],
-    )
-    if packed_rows is not None:
-        return out[rows, :, slots][None], None  # [1, T, H, D]
-    return out.transpose(1, 2).contiguous(), None  # [B, Q, H, D], no attention weights
-
-
-AttentionInterface.register(BACKENDS["flex"], _flex_attention_forward)
-AttentionInterface.register(BACKENDS["sdpa"], _sdpa_attention_forward)
-AttentionMaskInterface.register(BACKENDS["sdpa"], sdpa_mask)
-
-
-def backend_of(model):
-    ours = {v: k for k, v in BACKENDS.items()}
-    return {**ours, "sdpa": "sdpa"}[model.config._attn_implementation]  # transformers' sdpa: our dense mask
+def attend(q, k, v, mask):
+    """Attention of queries q [B, H, Q, D] over keys and values k, v [B, Hkv, K, D] (grouped-query:
+    each key/value head serves H / Hkv query heads, read in place) under `mask`, whose type is
+    the backend: a BlockMask (flex; compiled on CUDA, the eager reference elsewhere), a bool
+    tensor (sdpa) or an additive float tensor (eager: the softmax written out). -> [B, H, Q, D]"""
+    scale, grouped = q.shape[-1] ** -0.5, q.shape[1] != k.shape[1]
+    if isinstance(mask, BlockMask):
+        flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=grouped)
+    if mask.dtype == torch.bool:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=grouped)
+    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+    weights = torch.softmax(q @ k.transpose(2, 3) * scale + mask, -1, dtype=torch.float32).to(q.dtype)
+    return weights @ v
 
 
 def forward_layout(model, input_ids, layout, at=None):
-    """Run a Qwen3ForCausalLM over a block-diffusion layout. input_ids [B, N] in layout order.
-    at: None = logits at every position [B, N, V]; or (rows, cols), two [M] index tensors =
-    logits at those positions only [M, V]: the LM head, with a real vocabulary the biggest
+    """Run the model (support/qwen3.py) over a block-diffusion layout. input_ids [B, N] in layout
+    order. at: None = logits at every position [B, N, V]; or (rows, cols), two [M] index tensors
+    = logits at those positions only [M, V]: the LM head, with a real vocabulary the biggest
     matmul, then runs on exactly those hidden states."""
     device = input_ids.device
-    mask = attention_mask_for(layout, backend_of(model), device, model.dtype)
-    out = model(
-        input_ids=input_ids,
-        attention_mask={layer_type: mask for layer_type in set(model.config.layer_types)},  # passed on as is
-        position_ids=layout.pos.to(device),
-        logits_to_keep=0 if at is None else 1,  # with `at`, the model's own head runs on one position per row
-        output_hidden_states=at is not None,
-        use_cache=False,
-    )
+    mask = attention_mask_for(layout, model.attn, device, model.dtype)
+    hidden = model(input_ids, layout.pos.to(device), mask)  # [B, N, hidden], after the final norm
     if at is None:
-        return out.logits
+        return model.lm_head(hidden)
     rows, cols = at
-    return model.lm_head(
-        out.hidden_states[-1][rows.to(device), cols.to(device)]
-    )  # [-1]: after the final norm
+    return model.lm_head(hidden[rows.to(device), cols.to(device)])
 
 
 def sampling_logprobs(logits, temperature=1.0, top_k=0, top_p=1.0):

@@ -234,7 +234,7 @@ def generate(model, prompts, generators, cfg, stop_ids, batch_size=0, progress=N
     clean block to the cache in the same forward as the first step of its next block: its
     chunk is [clean block ; next block], the other rows' is their current block. So no row
     waits for the slowest one. progress(k) is called when k rows finish."""
-    if model.config._attn_implementation != attention.BACKENDS["sdpa"]:
+    if model.attn != "sdpa":
         raise ValueError(
             "rollout.generate packs its rows for attention.py's sdpa backend: load with attn='sdpa'"
         )
@@ -408,9 +408,7 @@ def sample_jobs(jobs, step, cfg, policy, model, tokenizer, prompts, encoded, bar
     """(prompt index, sample index) pairs -> their records, in order: one response per job from
     generate (or LMDeploy) to the prompt's text and ids in `encoded`, graded for its reward. A
     non-finite logprob (the model gave non-finite logits) is refused before any record exists."""
-    stop_ids = {tokenizer.convert_tokens_to_ids(IM_END)} | (
-        set() if cfg.ban_eos else {tokenizer.eos_token_id}
-    )
+    stop_ids = {tokenizer.token_id(IM_END)} | (set() if cfg.ban_eos else {tokenizer.eos_token_id})
     seeds = [sequence_seed(cfg.seed, step, i, j) for i, j in jobs]
     t0, bar.total = time.time(), bar.total + len(jobs)
     if cfg.engine == "lmdeploy":

@@ -205,8 +205,8 @@ def load_documents(path, tokenizer, instruction, block_size, max_len, overlong, 
             texts.append(to_texts(record, instruction))
         except ValueError as e:
             raise ValueError(f"{path}:{n}: {e}") from None
-    prompts = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
-    responses = tokenizer([r for _, r in texts], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer.encode(p for p, _ in texts)
+    responses = tokenizer.encode(r for _, r in texts)
     docs, overlong_count = [], 0
     for prompt, response in zip(prompts, responses):
         response = response + [tokenizer.eos_token_id] * (-(len(prompt) + len(response)) % block_size)

@@ -89,7 +89,6 @@ def run_variant(args):
         config.vocab_size = args.vocab
         torch.manual_seed(0)  # both variants must score with the same weights
         model = type(model)(config)
-        model.set_attn_implementation(attention.BACKENDS["sdpa"])
     records = synthetic_records(args.responses, args.prompt_len, args.response_len, args.vocab)
     fn = packed_loss if args.variant == "packed" else per_round_loss
     times = []

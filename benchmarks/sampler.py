@@ -81,10 +81,7 @@ def main():
     model.eval()
     cfg = rollout.Config(strategy="sequential", max_new_tokens=args.new_tokens)
     questions = [p["question"] for _, p in grader.load_prompts(ROOT / "data/arith_test.jsonl")]
-    encoded = [
-        tokenizer(support.model.render_prompt(q, ""), add_special_tokens=False)["input_ids"]
-        for q in questions
-    ]
+    encoded = tokenizer.encode(support.model.render_prompt(q, "") for q in questions)
     length = max(set(map(len, encoded)), key=[len(e) for e in encoded].count)  # the most common length
     prompts = [e for e in encoded if len(e) == length][: args.sequences]
     timings, outputs = {}, {}
@@ -113,20 +110,12 @@ def policy_speed(args, questions):
     model, tokenizer = support.model.load_model(args.policy, attn="sdpa")
     model.eval()
     b = model.config.block_size
-    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(support.model.IM_END)}
-    prompts = [
-        tokenizer(support.model.render_prompt(q, model.config.instruction), add_special_tokens=False)[
-            "input_ids"
-        ]
-        for q in questions[: args.prompts]
-    ]
-    calls = []  # live rows of every denoising forward (the prefills, logits_to_keep=1, are left out)
-    model.register_forward_hook(
-        lambda m, a, kw, out: (
-            calls.append(int(kw["packed_rows"][0].max()) + 1) if kw.get("logits_to_keep") != 1 else None
-        ),
-        with_kwargs=True,
+    stop_ids = {tokenizer.eos_token_id, tokenizer.token_id(support.model.IM_END)}
+    prompts = tokenizer.encode(
+        support.model.render_prompt(q, model.config.instruction) for q in questions[: args.prompts]
     )
+    calls = []  # live rows of every denoising forward: the LM head runs on [rows * b] (a prefill runs none)
+    model.lm_head.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0] // b))
     print(
         f"{args.policy}: {len(prompts)} test prompts in batches of {args.batch_size}, {args.max_new_tokens} new tokens, "
         f"temperature 1, {args.threads} thread(s)"

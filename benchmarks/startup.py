@@ -21,9 +21,9 @@ FORWARD = """
 import torch
 from support.model import load_model
 model, tokenizer = load_model({model!r}, attn="sdpa")
-ids = torch.tensor([tokenizer("1+1=", add_special_tokens=False)["input_ids"]])
+ids = torch.tensor([tokenizer.encode(["1+1="])[0]])
 with torch.no_grad():
-    model(input_ids=ids)
+    model.lm_head(model(ids, torch.arange(ids.shape[1])[None], torch.ones(1, 1, 4, 4, dtype=torch.bool)))
 """
 
 

@@ -78,7 +78,7 @@ def make_optimizer(model, lr, weight_decay, grad_checkpointing, world, dtype):
     with FSDP2 under torchrun, and AdamW (betas 0.9, 0.95) over its parameters."""
     model.train()
     if grad_checkpointing:
-        model.activation_checkpointing_enable()  # transformers 5: gradient_checkpointing_enable is deprecated
+        model.checkpointing = True  # each block runs under torch.utils.checkpoint (support/qwen3.py)
     if world > 1:
         shard_model(model, dtype)
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))

@@ -3,9 +3,9 @@ character tokenizer, and loading and saving checkpoints. Used by every stage; `p
 
 `load_model("tiny")` builds the small Qwen3 + character tokenizer used on CPU;
 `load_model(dir)` opens a checkpoint this project wrote or an SDAR checkpoint (model_type
-"sdar", Qwen3 weights) as a plain Qwen3ForCausalLM, without trust_remote_code. The block
-size and the mask token id live in the model's config.json (`block_size`, `mask_token_id`)
-and nowhere else.
+"sdar", Qwen3 weights) as our Qwen3 (support/qwen3.py), and its tokenizer.json with the
+`tokenizers` library: no transformers at run time. The block size and the mask token id
+live in the model's config.json (`block_size`, `mask_token_id`) and nowhere else.
 """
 
 import dataclasses
@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors import SafetensorError, safe_open
-from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
-from attention import BACKENDS, backend_of
+from attention import BACKENDS
 from support.flags import flag, parse_config
+from support.qwen3 import Qwen3Config, Qwen3ForCausalLM, config_from_dict, config_to_dict
 
 EOS_TOKEN = "<|endoftext|>"  # also the padding token, as in SDAR
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -31,8 +32,6 @@ SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END, MASK_TOKEN_NAMES[0]]
 DEFAULT_BLOCK_SIZE = 4
 DIRL_INSTRUCTION = "Please reason step by step, and put your final answer within $\\boxed{}$."
 TINY_INSTRUCTION = ""  # every character is a token for the tiny tokenizer, and the task always boxes
-transformers.utils.logging.disable_progress_bar()  # a bar per load or save would bury the stages' own bars
-transformers.utils.logging.set_verbosity_error()  # its load report: open_checkpoint refuses what it reports
 
 
 # ----------------------------------------------------------------------------- the text format
@@ -56,6 +55,55 @@ CHAT_TEMPLATE = (  # the same format as render_chat, for tools that call apply_c
 )
 
 
+class TextTokenizer:
+    """A tokenizer.json (the `tokenizers` library) with the few calls the stages make, and the
+    tokenizer_config.json beside it, kept as it came so that a saved checkpoint keeps it."""
+
+    def __init__(self, backend, settings):
+        self.backend, self.settings = backend, settings
+        eos = settings.get("eos_token") or EOS_TOKEN
+        eos = eos.get("content") if isinstance(eos, dict) else eos  # an AddedToken written out
+        self.eos_token_id = backend.token_to_id(eos) if isinstance(eos, str) else None
+        if self.eos_token_id is None:
+            raise ValueError(f"the end-of-text token {eos!r} is not in the vocabulary")
+
+    def __len__(self):
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token):
+        """The id of one token (a special token's name), or None when the vocabulary lacks it."""
+        return self.backend.token_to_id(token)
+
+    def encode(self, texts):
+        """A list of texts -> a list of token id lists; no special tokens are added."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, out_dir):
+        self.backend.save(str(out_dir / "tokenizer.json"))
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(self.settings, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path):
+        if not (path / "tokenizer.json").is_file():
+            raise ValueError(f"{path}: no tokenizer.json (the tokenizer is read from that file alone)")
+        try:
+            backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises its own kind
+            raise ValueError(f"{path / 'tokenizer.json'}: not a tokenizer ({e})") from None
+        settings = (
+            read_json_object(path / "tokenizer_config.json")
+            if (path / "tokenizer_config.json").is_file()
+            else {}
+        )
+        try:
+            return cls(backend, settings)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
 # ----------------------------------------------------------------------------- the tiny model
 
 
@@ -76,7 +124,7 @@ class TinyConfig:
 def build_char_tokenizer():
     """Character-level tokenizer: the 4 special tokens, then every printable ASCII character and
     newline. Any other character becomes <|endoftext|>; the built-in task uses none."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, decoders, models, pre_tokenizers
 
     chars = [chr(i) for i in range(32, 127)] + ["\n"]
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + chars)}
@@ -84,9 +132,8 @@ def build_char_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(SPECIAL_TOKENS)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
+    return TextTokenizer(backend, {**settings, "chat_template": CHAT_TEMPLATE})
 
 
 def build_tiny(seed=0, tiny=None):
@@ -97,9 +144,9 @@ def build_tiny(seed=0, tiny=None):
         tie_word_embeddings=False,  # as SDAR
         block_size=DEFAULT_BLOCK_SIZE,
         instruction=TINY_INSTRUCTION,
-        mask_token_id=tokenizer.convert_tokens_to_ids(MASK_TOKEN_NAMES[0]),
+        mask_token_id=tokenizer.token_id(MASK_TOKEN_NAMES[0]),
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.eos_token_id,
         **dataclasses.asdict(tiny),
     )
     with torch.random.fork_rng():  # the init must not disturb the caller's RNG stream
@@ -111,45 +158,44 @@ def build_tiny(seed=0, tiny=None):
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def read_json_object(file):
+    try:
+        raw = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not a JSON config ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: not a JSON object")
+    return raw
+
+
 def mask_token_id_of(tokenizer):
-    for name in MASK_TOKEN_NAMES:
-        token_id = tokenizer.convert_tokens_to_ids(name)
-        if token_id is not None and token_id != tokenizer.unk_token_id:
-            return token_id
-    return None
+    ids = [tokenizer.token_id(name) for name in MASK_TOKEN_NAMES]
+    return next((i for i in ids if i is not None), None)
 
 
 def checkpoint_config(path):
     """The Qwen3Config of a checkpoint dir (ours, or SDAR's with its custom-code keys dropped),
     with `mask_token_id`, `block_size` and `instruction` always set, and its tokenizer."""
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path / 'config.json'}: not a JSON config ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path / 'config.json'}: not a JSON object")
-    if raw.get("model_type") == "sdar":
-        drop = ("model_type", "architectures", "auto_map", "transformers_version")
-        config = Qwen3Config(**{k: v for k, v in raw.items() if k not in drop})
-    elif raw.get("model_type") == "qwen3":
-        config = Qwen3Config.from_pretrained(path)
-    else:
+    raw = read_json_object(path / "config.json")
+    if raw.get("model_type") not in ("sdar", "qwen3"):
         raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is neither 'sdar' nor 'qwen3'")
-    if getattr(config, "use_sliding_window", False):
-        raise ValueError(f"{path}: sliding-window attention is not part of the block-diffusion rule")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        config = config_from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from None
+    tokenizer = TextTokenizer.load(path)
     mask_id = mask_token_id_of(tokenizer)
     if mask_id is None:
         raise ValueError(
             f"{path}: the tokenizer has no mask token (looked for {', '.join(MASK_TOKEN_NAMES)})"
         )
-    if getattr(config, "mask_token_id", None) not in (None, mask_id):
+    if config.mask_token_id not in (None, mask_id):
         raise ValueError(
             f"{path}: config mask_token_id {config.mask_token_id} differs from the tokenizer's "
             f"mask token id {mask_id}"
         )
     config.mask_token_id = mask_id
-    config.block_size = getattr(config, "block_size", None) or DEFAULT_BLOCK_SIZE  # some SDAR copies omit it
+    config.block_size = config.block_size or DEFAULT_BLOCK_SIZE  # some SDAR copies omit it
     if type(config.block_size) is not int or not 0 < config.block_size <= config.max_position_embeddings:
         raise ValueError(
             f"{path / 'config.json'}: block_size {config.block_size!r} is not a positive integer"
@@ -158,7 +204,7 @@ def checkpoint_config(path):
         raise ValueError(
             f"{path}: the mask token id {mask_id} is outside the vocabulary ({config.vocab_size})"
         )
-    config.instruction = getattr(config, "instruction", DIRL_INSTRUCTION)
+    config.instruction = DIRL_INSTRUCTION if config.instruction is None else config.instruction
     return config, tokenizer
 
 
@@ -178,8 +224,8 @@ def load_model(name_or_dir, dtype=torch.float32, device="cpu", attn="auto", seed
             raise FileNotFoundError(
                 f"{path}: not a model directory (no config.json); pass a checkpoint dir or 'tiny'"
             )
-        model, tokenizer = open_checkpoint(path, dtype)
-    model.set_attn_implementation(BACKENDS[attn])
+        model, tokenizer = open_checkpoint(path)
+    model.attn = attn
     model.to(device=device, dtype=dtype)
     for name, weight in model.named_parameters():  # on the device, in the dtype the stage computes in
         if not torch.isfinite(weight).all():  # one NaN would reach every logit, record and update
@@ -187,39 +233,36 @@ def load_model(name_or_dir, dtype=torch.float32, device="cpu", attn="auto", seed
     return model, tokenizer
 
 
-def open_checkpoint(path, dtype):
+def open_checkpoint(path):
     """(model, tokenizer) of a checkpoint dir whose weights are checked before any work: every
-    safetensors file readable, the embedding of the shape config.json says, no weight missing
-    or unknown (load_model then checks that every weight is finite). A failure is one
-    ValueError naming the file."""
+    safetensors file readable, every weight of the shape config.json says, none missing or
+    unknown (load_model then checks that every weight is finite). A failure is one ValueError
+    naming the file. The model is built on the meta device and takes the file's tensors."""
     config, tokenizer = checkpoint_config(path)
-    embedding = (config.vocab_size, config.hidden_size)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    expected = {name: p.shape for name, p in model.named_parameters()}  # a tied head is listed once
+    weights = {}
     for file in sorted(path.glob("*.safetensors")):
         try:
-            with safe_open(file, "pt") as weights:
-                shape = None
-                if "model.embed_tokens.weight" in weights.keys():
-                    shape = tuple(weights.get_slice("model.embed_tokens.weight").get_shape())
+            with safe_open(file, "pt") as f:
+                weights.update({name: f.get_tensor(name) for name in f.keys()})
         except Exception as e:  # a truncated or foreign file: safetensors raises its own kind
             raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
-        if shape is not None and shape != embedding:
-            raise ValueError(f"{path}: config.json says embeddings {embedding}, the weights {shape}")
-    try:
-        model, info = Qwen3ForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, output_loading_info=True
-        )
-    except (OSError, RuntimeError, ValueError) as e:  # mis-shaped weights
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: the weights do not load with its config.json ({first})") from None
-    for kind in (
-        "missing_keys",
-        "unexpected_keys",
-    ):  # transformers would initialise a missing weight at random
-        if info[kind]:
-            names = sorted(info[kind])
+    if config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)  # some tied checkpoints store the head as well
+    for kind, names in (("missing", expected.keys() - weights), ("unexpected", weights.keys() - expected)):
+        if names:
+            raise ValueError(f"{path}: weights {kind}: {', '.join(sorted(names)[:3])} ({len(names)} in all)")
+    for name, shape in expected.items():
+        if weights[name].shape != shape:
             raise ValueError(
-                f"{path}: weights {kind.split('_')[0]}: {', '.join(names[:3])} ({len(names)} in all)"
+                f"{path}: the weights do not load with its config.json "
+                f"({name} is {tuple(weights[name].shape)}, the config says {tuple(shape)})"
             )
+    model.load_state_dict(weights, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
     return model, tokenizer
 
 
@@ -233,11 +276,17 @@ def save_checkpoint(model, tokenizer, out_dir, state_dict=None, trainer_state=No
         raise ValueError(f"{out_dir}: a symlink; a checkpoint is written as a directory of its own")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    attn = model.config._attn_implementation
-    model.config._attn_implementation = "sdpa"  # a plain from_pretrained must not need our registry
-    try:  # save_pretrained empties the dict it is given, hence the copy
-        model.save_pretrained(tmp, state_dict=dict(state_dict) if state_dict is not None else None)
-        tokenizer.save_pretrained(tmp)
+    state = model.state_dict() if state_dict is None else state_dict
+    tied = model.config.tie_word_embeddings
+    tensors = {
+        k: v.detach().cpu().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")
+    }
+    try:
+        tmp.mkdir(parents=True)
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        config = config_to_dict(model.config, model.dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tokenizer.save(tmp)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer_state.pt")
     except (OSError, SafetensorError) as e:  # a full disk, a size limit: no half-written copy stays
@@ -245,8 +294,6 @@ def save_checkpoint(model, tokenizer, out_dir, state_dict=None, trainer_state=No
         raise OSError(
             getattr(e, "errno", None), getattr(e, "strerror", None) or str(e), str(out_dir)
         ) from None
-    finally:
-        model.config._attn_implementation = attn
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -275,7 +322,7 @@ def main(argv=None):
     c, params = model.config, sum(p.numel() for p in model.parameters())
     print(
         f"{cfg.model}: Qwen3 {params / 1e6:.2f}M params, hidden {c.hidden_size}, {c.num_hidden_layers} layers, "
-        f"vocab {c.vocab_size}, block_size {c.block_size}, mask_token_id {c.mask_token_id}, attn {backend_of(model)}"
+        f"vocab {c.vocab_size}, block_size {c.block_size}, mask_token_id {c.mask_token_id}, attn {model.attn}"
     )
     if cfg.save:
         save_checkpoint(model, tokenizer, cfg.save)

@@ -18,7 +18,7 @@ def encode_prompts(numbered, tokenizer, instruction, max_new_tokens, model_confi
     positions is refused at its FILE:LINE, before any cache is allocated."""
     c = model_config
     texts = [render_prompt(p["question"], instruction) for _, p in numbered]
-    prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer.encode(texts)
     for (line, _), ids in zip(numbered, prompt_ids):
         length = longest_sequence(len(ids), max_new_tokens, c.block_size)
         if length > c.max_position_embeddings:

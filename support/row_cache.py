@@ -6,21 +6,21 @@ order. Used by rollout.py's generate: one `step` per denoising forward of every 
 from dataclasses import dataclass, fields
 
 import torch
-from transformers.cache_utils import Cache
+
+import attention
 
 
-class RowCache(Cache):
+class RowCache:
     """A KV cache in which every row (sequence) has its own length, so that each row can be at
     a block of its own. Keys and values live in one buffer per layer, [rows, kv heads,
     capacity, head dim]. A forward runs a chunk of tokens per row at that row's `lengths[r]`,
-    the chunks of all rows packed into one sequence (no padding in the linear layers;
-    attention.py's "dirl_sdpa" unpacks the queries). Its mask (`chunk_attention_mask`) never
-    shows a column at or past a row's length outside the chunk, so a denoising step leaves
-    nothing behind, and a clean block is kept by advancing the row's length past it. The live
-    rows are the buffer's first `live` rows. The model calls only `update`."""
+    the chunks of all rows packed into one sequence (no padding in the linear layers; `attend`
+    unpacks the queries). Its mask (`chunk_attention_mask`) never shows a column at or past a
+    row's length outside the chunk, so a denoising step leaves nothing behind, and a clean
+    block is kept by advancing the row's length past it. The live rows are the buffer's first
+    `live` rows. The model (support/qwen3.py) calls only `attend`."""
 
     def __init__(self, model, rows, capacity):
-        super().__init__(layers=[])  # the base class's per-layer objects are replaced by the buffers below
         config, weight = model.config, model.lm_head.weight
         shape = (rows, config.num_key_value_heads, capacity, config.head_dim)
         self.keys = [
@@ -30,34 +30,31 @@ class RowCache(Cache):
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.lengths = torch.zeros(0, dtype=torch.long, device=weight.device)  # [R] clean columns of each row
         self.live, self.width = 0, 0  # width: columns the next forward attends over (chunk_attention_mask)
-        self.rows = self.columns = None  # [T] where the packed tokens of the next forward are written
+        self.rows = self.slots = self.columns = None  # [T] where the packed tokens of the next forward go
+        self.chunk = 0  # the widest row chunk of the next forward
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[self.rows, :, self.columns] = key_states[0].transpose(0, 1)  # [T, H, D]: one per packed token
-        values[self.rows, :, self.columns] = value_states[0].transpose(0, 1)
-        return keys[: self.live, :, : self.width], values[: self.live, :, : self.width]
+    def attend(self, layer, q, k, v, mask):
+        """One layer's attention in a packed forward: the chunk's keys and values k, v [1, Hkv, T, D]
+        are written at their rows' columns, the queries q [1, H, T, D] unpacked to [R, H, chunk, D]
+        to meet their rows' keys, and the output packed back to [1, H, T, D]."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys[self.rows, :, self.columns] = k[0].transpose(0, 1)  # [T, Hkv, D]: one per packed token
+        values[self.rows, :, self.columns] = v[0].transpose(0, 1)
+        unpacked = q.new_zeros(self.live, q.shape[1], self.chunk, q.shape[3])  # [R, H, chunk, D]
+        unpacked[self.rows, :, self.slots] = q[0].transpose(0, 1)
+        out = attention.attend(
+            unpacked, keys[: self.live, :, : self.width], values[: self.live, :, : self.width], mask
+        )
+        return out[self.rows, :, self.slots].transpose(0, 1)[None]  # [1, H, T, D]
 
-    def get_seq_length(self, layer_idx=0):
-        return int(self.lengths.max())
-
-    def forward(self, model, tokens, rows, slots, logits_to_keep=0):
+    def forward(self, model, tokens, rows, slots):
         """Run the model on a chunk per live row, packed: token t (tokens, rows, slots [T]) is
         column slots[t] of row rows[t]'s chunk, which is written at the row's length. Returns
-        the logits [T, V] (only the last token's with logits_to_keep=1)."""
-        width = int(slots.max()) + 1
-        mask, self.width = chunk_attention_mask(self.lengths, width, model.config.block_size)
-        self.rows, self.columns = rows, self.lengths[rows] + slots
-        out = model(
-            input_ids=tokens[None],
-            position_ids=self.columns[None],
-            past_key_values=self,
-            use_cache=True,
-            attention_mask={t: mask for t in set(model.config.layer_types)},
-            logits_to_keep=logits_to_keep,
-            packed_rows=(rows, slots, width),
-        )
-        return out.logits[0]
+        the hidden states [T, hidden] (the caller runs the LM head where it samples)."""
+        self.chunk = int(slots.max()) + 1
+        mask, self.width = chunk_attention_mask(self.lengths, self.chunk, model.config.block_size)
+        self.rows, self.slots, self.columns = rows, slots, self.lengths[rows] + slots
+        return model(tokens[None], self.columns[None], mask, cache=self)[0]
 
     def step(self, model, block, completed, writing):
         """One denoising forward of every live row: its current block [R, b] against its cache.
@@ -69,9 +66,9 @@ class RowCache(Cache):
         rows, slots = packing(widths)  # [T]
         chunks = torch.cat([completed, block], 1)  # [R, 2b]
         columns = slots + 2 * b - widths[rows]  # [T] each packed token's column in `chunks`
-        logits = self.forward(model, chunks[rows, columns], rows, slots)  # [T, V]
+        hidden = self.forward(model, chunks[rows, columns], rows, slots)  # [T, hidden]
         self.lengths += widths - b  # the written clean blocks are kept
-        return logits[columns >= b].view(len(widths), b, -1)
+        return model.lm_head(hidden[columns >= b]).view(len(widths), b, -1)  # the head where it samples
 
     def keep(self, order):
         """Row i becomes the old row order[i], for i < len(order): finished rows leave. Only
@@ -97,7 +94,7 @@ class RowCache(Cache):
             prefill.live, prefill.lengths = len(distinct), torch.zeros_like(clean[: len(distinct)])
             ids = torch.tensor([t for c in distinct for t in c], device=device)  # [T]
             rows, slots = packing(torch.tensor([len(c) for c in distinct], device=device))
-            prefill.forward(model, ids, rows, slots, logits_to_keep=1)  # only the cache is wanted
+            prefill.forward(model, ids, rows, slots)  # only the cache is wanted
             index = torch.tensor(source, device=device)
             for mine, theirs in zip(self.keys + self.values, prefill.keys + prefill.values):
                 mine[first : first + count, :, : prefill.width] = theirs[index]

@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import attention
 import dipo
@@ -21,6 +20,7 @@ import rollout
 import support.model
 import support.policy
 from conftest import ROOT, run_here
+from support.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
 MASK = 3
 
@@ -201,7 +201,6 @@ def toy_model():
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(8.0 if p.dim() > 1 else 1.0)  # a sharply context-dependent toy
-    model.set_attn_implementation(attention.BACKENDS["sdpa"])
     return model
 
 

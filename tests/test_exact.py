@@ -5,18 +5,17 @@ trajectories with exactly the enumerated probabilities."""
 
 import itertools
 import json
-import types
 from collections import Counter, defaultdict
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import attention
 import dipo
 import rollout
 import support.exact
 from conftest import refusal
+from support.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
 MASK, VOCAB, BLOCK = 3, 4, 3
 PROMPT = [0, 1, 2]  # one whole block; the response is the next block of 3
@@ -44,15 +43,7 @@ def toy_model(dtype=torch.float64, seed=3):
         for p in model.parameters():
             p.mul_(4.0 if p.dim() > 1 else 1.0)  # context-dependent
         model.lm_head.weight.mul_(5.0)  # and confident enough that steps commit one, two or three tokens
-    model.set_attn_implementation(attention.BACKENDS["sdpa"])
-    for module in model.modules():  # transformers' RMSNorm rounds to float32 even for float64 input, which
-        if type(module).__name__.endswith("RMSNorm"):  # would cap any gradient comparison near 1e-8
-            module.forward = types.MethodType(rms_norm_in_input_dtype, module)
     return model.to(dtype)
-
-
-def rms_norm_in_input_dtype(self, x):
-    return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
 
 
 def reward(tokens):

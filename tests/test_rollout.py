@@ -100,7 +100,7 @@ def reference_generate(model, prompt, generator, cfg, stop_ids):
 def test_kv_cached_sampler_equals_recompute_everything(stopping_model, strategy):
     model, tokenizer = stopping_model
     cfg = sampler_cfg(strategy=strategy)
-    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(support.model.IM_END)}
+    stop_ids = {tokenizer.eos_token_id, tokenizer.token_id(support.model.IM_END)}
     prompts = prompts_of(PROMPT_LENGTHS)
     cached = rollout.generate(model, prompts, generators(len(prompts)), cfg, stop_ids)
     for prompt, gen, got in zip(prompts, generators(len(prompts)), cached):
@@ -125,7 +125,7 @@ def mixed_prompts(n, seed=1):
 def test_batch_of_64_with_mixed_lengths_equals_recompute_everything(stopping_model):
     model, tokenizer = stopping_model
     cfg = sampler_cfg(max_new_tokens=12)
-    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(support.model.IM_END)}
+    stop_ids = {tokenizer.eos_token_id, tokenizer.token_id(support.model.IM_END)}
     prompts = mixed_prompts(64)
     cached = rollout.generate(model, prompts, generators(64), cfg, stop_ids)
     for prompt, gen, got in zip(prompts, generators(64), cached):
@@ -172,7 +172,7 @@ def test_every_forward_row_has_work(stopping_model):
     calls = []  # (tokens, rows, chunk widths) per forward
     hook = model.register_forward_hook(
         lambda m, args, kwargs, out: calls.append(
-            (kwargs["input_ids"].shape[1], *torch.unique(kwargs["packed_rows"][0], return_counts=True))
+            (args[0].shape[1], *torch.unique(kwargs["cache"].rows, return_counts=True))
         ),
         with_kwargs=True,
     )
@@ -209,22 +209,24 @@ def test_rows_join_as_others_leave(stopping_model):
     prompts = mixed_prompts(12, seed=3)
     prompts = [p for p in prompts for _ in range(2)] + prompts[:3]  # repeated prompts, as a group's samples
     at_once = rollout.generate(model, prompts, generators(len(prompts)), cfg, stop_ids)
-    live, finished = [], []  # (is a prefill, rows) per forward; rows finished per call
-    hook = model.register_forward_hook(
-        lambda m, args, kwargs, out: live.append(
-            (kwargs["logits_to_keep"] == 1, kwargs["packed_rows"][0].unique().numel())
+    live, finished = [], []  # [rows, is a step] per forward; rows finished per call
+    hooks = [  # a denoising step runs the LM head after the model, a prefill does not
+        model.register_forward_hook(
+            lambda m, args, kwargs, out: live.append([kwargs["cache"].rows.unique().numel(), False]),
+            with_kwargs=True,
         ),
-        with_kwargs=True,
-    )
+        model.lm_head.register_forward_hook(lambda m, args, out: live[-1].__setitem__(1, True)),
+    ]
     try:
         joined = rollout.generate(
             model, prompts, generators(len(prompts)), cfg, stop_ids, batch_size=8, progress=finished.append
         )
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert_same_records(joined, at_once)
-    assert max(rows for prefill, rows in live if not prefill) == 8
-    assert sum(prefill for prefill, _ in live) > 2  # prompts joined in several groups
+    assert max(rows for rows, step in live if step) == 8
+    assert sum(not step for _, step in live) > 2  # prompts joined in several groups
     assert sum(finished) == len(prompts)
 
 
@@ -232,7 +234,7 @@ def test_evaluation_switches_ban_eos_and_early_stops(stopping_model):
     """DiRL's evaluation protocol: <|endoftext|> never drawn, no stop token in the first
     min_new_tokens positions (the stopping model would otherwise stop early)."""
     model, tokenizer = stopping_model
-    eos, im_end = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(support.model.IM_END)
+    eos, im_end = tokenizer.eos_token_id, tokenizer.token_id(support.model.IM_END)
     prompts = prompts_of(PROMPT_LENGTHS)
     plain = rollout.generate(
         model, prompts, generators(len(prompts)), sampler_cfg(max_new_tokens=24), {eos, im_end}
@@ -352,7 +354,7 @@ def test_every_recorded_logprob_is_the_models_in_the_state_its_step_map_implies(
             logp = torch.log_softmax(logits[0, pos].float(), -1)[token].item()
             assert logp == pytest.approx(r["logprobs"][t], abs=1e-4)
         stop = rollout.stop_index(
-            response, {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(support.model.IM_END)}
+            response, {tokenizer.eos_token_id, tokenizer.token_id(support.model.IM_END)}
         )
         assert r["text"] == tokenizer.decode(response[:stop])
         assert r["finish"] == ("stop" if stop < len(response) else "length")
@@ -571,7 +573,7 @@ def run_with_fake_lmdeploy(args, **env):
 
 def test_lmdeploy_engine_path_writes_our_records(run_dir, tmp_path, stopping_model):
     _, tokenizer = stopping_model
-    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(support.model.IM_END)}
+    stop_ids = {tokenizer.eos_token_id, tokenizer.token_id(support.model.IM_END)}
     args = [
         "--run",
         run_dir,

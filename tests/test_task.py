@@ -104,7 +104,7 @@ def test_too_small_problem_space_is_an_error():
 
 def test_tokenizer_roundtrips_every_string_of_the_task():
     tokenizer = support.model.build_char_tokenizer()
-    unknown = tokenizer.convert_tokens_to_ids(support.model.EOS_TOKEN)
+    unknown = tokenizer.token_id(support.model.EOS_TOKEN)
     texts = []
     for split in SPLITS:
         for row in read(ROOT / "data" / f"arith_{split}.jsonl"):
@@ -114,16 +114,9 @@ def test_tokenizer_roundtrips_every_string_of_the_task():
                 {"role": "assistant", "content": row.get("response", row["ground_truth_answer"])},
             ]
             texts.append(support.model.render_chat(messages))
-    for text in texts:
-        ids = tokenizer(text)["input_ids"]
+    for text, ids in zip(texts, tokenizer.encode(texts)):
         assert tokenizer.decode(ids) == text
         assert unknown not in ids  # no character fell back to the unknown token
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "1+2"}], tokenize=False, add_generation_prompt=True
-    )
-    assert rendered == support.model.render_chat(
-        [{"role": "user", "content": "1+2"}], add_generation_prompt=True
-    )
-    special = [tokenizer.convert_tokens_to_ids(t) for t in support.model.SPECIAL_TOKENS]
-    assert tokenizer("<|im_start|>user\n<|MASK|><|im_end|>")["input_ids"][0] == special[1]
-    assert len(set(special)) == 4 and tokenizer.eos_token_id == tokenizer.pad_token_id == special[0]
+    special = [tokenizer.token_id(t) for t in support.model.SPECIAL_TOKENS]
+    assert tokenizer.encode(["<|im_start|>user\n<|MASK|><|im_end|>"])[0][0] == special[1]
+    assert len(set(special)) == 4 and tokenizer.eos_token_id == special[0]

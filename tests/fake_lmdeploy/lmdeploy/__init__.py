@@ -58,7 +58,7 @@ class pipeline:
 
         assert not do_preprocess
         e = self.engine
-        stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids(support.model.IM_END)}
+        stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.token_id(support.model.IM_END)}
         responses = []
         for text, g in zip(texts, gen_config):
             if e.dllm_unmasking_strategy == "sequential":
@@ -68,7 +68,7 @@ class pipeline:
                                   top_k=g.top_k, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
                                   ban_eos=self.tokenizer.eos_token_id in (g.bad_token_ids or []),
                                   min_new_tokens=g.min_new_tokens or 0)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer.encode([text])[0]
             res = rollout.generate(self.model, [ids], [torch.Generator().manual_seed(g.random_seed)], cfg, stop_ids)[0]
             b, counter, step_map, last_block = e.dllm_block_length, 0, [], None
             for t, local in enumerate(res["step_map"]):

@@ -218,8 +218,9 @@ def init_normal(module, config):
     here: every Linear and Embedding weight ~ N(0, initializer_range), biases 0, the padding
     token's embedding 0 (norms start at 1)."""
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            m.weight.normal_(0.0, config.initializer_range)
+        if not isinstance(m, (nn.Linear, nn.Embedding)) or m.weight.is_meta:
+            continue  # norms start at 1; on the meta device (to take a checkpoint's tensors) nothing is drawn
+        m.weight.normal_(0.0, config.initializer_range)
         if isinstance(m, nn.Linear) and m.bias is not None:
             m.bias.zero_()
         if isinstance(m, nn.Embedding) and m.padding_idx is not None:

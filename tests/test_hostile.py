@@ -220,7 +220,7 @@ CASES = {  # name: (how the run is broken, what the error line says)
         torch_file("dipo_state.pt", {"step": 0, "optimizer": []}),
         "optimizer",
     ),
-    "config.json vocab_size disagrees": (config_vocab, "embeddings (107, 128), the weights (100, 128)"),
+    "config.json vocab_size disagrees": (config_vocab, "is (100, 128), the config says (107, 128)"),
     "latest names no checkpoint": (write("policy/latest", "step_000009\n"), "not a checkpoint"),
     "metrics.jsonl is a symlink": (symlinked_metrics, "symlink"),
     "a record repeated": (duplicate_line, "repeats line 1"),

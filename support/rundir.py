@@ -111,7 +111,7 @@ def record_invocation(run, stage, cfg):
         text=True,
     )
     packages = {}
-    for name in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "sympy", "tqdm"):
+    for name in ("torch", "tokenizers", "safetensors", "numpy", "sympy", "tqdm"):
         try:
             packages[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -32,8 +32,8 @@ def assert_same_records(got, want, atol=1e-5):
 
 def run_here(stage, argv):
     """A stage's command line, run in this process, with what subprocess.run would give:
-    returncode, stdout, stderr. A fresh process spends most of its seconds importing torch and
-    transformers; the tests of the command line itself (tests/test_scripts.py,
+    returncode, stdout, stderr. A fresh process spends most of its seconds importing torch;
+    the tests of the command line itself (tests/test_scripts.py,
     tests/test_hostile.py) start one."""
     import contextlib
     import io

@@ -183,7 +183,13 @@ class Qwen3ForCausalLM(nn.Module):
             False  # recompute each block in the backward (support/distributed.make_optimizer)
         )
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        on_meta = torch.empty(0).is_meta  # load_model builds on the meta device, then takes a checkpoint's
+        weight = (
+            torch.empty(config.vocab_size, config.hidden_size) if on_meta else None
+        )  # (a meta normal_: 3 s)
+        self.model.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, config.pad_token_id, _weight=weight
+        )
         self.model.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         init_normal(self.model, config)  # transformers' order: the body, then the head

@@ -300,9 +300,7 @@ def prepare_training(model, cfg, lr, state, world, dtype, device):
     --beta > 0 the frozen reference policy. Returns (optimizer, reference or None)."""
     optimizer = distributed.make_optimizer(model, lr, cfg.weight_decay, cfg.grad_checkpointing, world, dtype)
     if state and "optimizer" in state:
-        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
-        for group in optimizer.param_groups:  # the saved state holds the last update's lr: this one's
-            group["lr"] = lr
+        optimizer.load_full_state_dict(state["optimizer"])  # its moments; the lr is this update's
     if not cfg.beta:
         return optimizer, None
     ref, _ = load_model(str(cfg.ref or policy.policy_dir(cfg.run, 0)), device=device, attn=cfg.attn)
@@ -328,7 +326,7 @@ def ppo_epochs(model, optimizer, plan, old, ref_logp, cfg, exact, new_step, rank
                         sums[key] += value
             grad_norms.append(distributed.clip_gradients(model, cfg.grad_clip, f"dipo step {new_step}"))
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             bar.update(1)
     bar.close()
     return sums, grad_norms

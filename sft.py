@@ -6,7 +6,7 @@ Reads  --model   'tiny' (built from a config) or a model dir (an SDAR checkpoint
                  {"prompt", "response"} (the prompt gets the checkpoint's instruction sentence)
 Writes runs/<run>/config/sft.json         the resolved config
        runs/<run>/sft/                    the last save: HF model dir + trainer_state.pt
-                                          (optimizer, scheduler, step), written atomically
+                                          (optimizer state, step), written atomically
        runs/<run>/policy/step_000000/     the final model, and policy/latest naming it
        runs/<run>/metrics.jsonl           one {"stage": "sft", ...} line per logged step
 
@@ -283,7 +283,7 @@ def read_trainer_state(cfg, run, save_dir):
     was saved with other settings; without, a refusal to overwrite an existing SFT run."""
     if cfg.resume and (save_dir / "trainer_state.pt").is_file():
         trainer_state = distributed.read_torch_state(
-            save_dir / "trainer_state.pt", {"step": int, "config": dict, "optimizer": dict, "scheduler": dict}
+            save_dir / "trainer_state.pt", {"step": int, "config": dict, "optimizer": dict}
         )
         changed = {
             k: (v, getattr(cfg, k))
@@ -302,23 +302,19 @@ def read_trainer_state(cfg, run, save_dir):
     return None
 
 
-def prepare_training(model, cfg, trainer_state, total_steps, world, dtype, device):
-    """The model on its device (FSDP2 under torchrun), AdamW and the warmup-cosine schedule,
-    restored from the trainer state if resuming. Returns (optimizer, scheduler, first step)."""
+def prepare_training(model, cfg, trainer_state, world, dtype, device):
+    """The model on its device (FSDP2 under torchrun) and AdamW, restored from the trainer
+    state if resuming. Returns (optimizer, first step)."""
     optimizer = distributed.make_optimizer(
         model.to(device), cfg.lr, cfg.weight_decay, cfg.grad_checkpointing, world, dtype
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-    )
     if not trainer_state:
-        return optimizer, scheduler, 0
+        return optimizer, 0
     distributed.check_optimizer_state(
         trainer_state["optimizer"], model, Path(cfg.run) / "sft" / "trainer_state.pt"
     )
-    distributed.load_optimizer_state(model, optimizer, trainer_state["optimizer"])
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    return optimizer, scheduler, trainer_state["step"]
+    optimizer.load_full_state_dict(trainer_state["optimizer"])
+    return optimizer, trainer_state["step"]
 
 
 def check_flags(cfg, world):
@@ -329,10 +325,10 @@ def check_flags(cfg, world):
         )
 
 
-def train_step(model, optimizer, scheduler, batch, cfg, device, dtype, where):
-    """One optimizer step on this process's share of a batch, [(position in the seeded stream,
-    doc)], in --grad-accum micro-batches. Returns this process's [loss, hits, masked tokens,
-    row tokens], the gradient norm and the lr it used; `where` names the step in errors."""
+def train_step(model, optimizer, batch, cfg, device, dtype, where):
+    """One optimizer step at optimizer.lr on this process's share of a batch, [(position in the
+    seeded stream, doc)], in --grad-accum micro-batches. Returns this process's [loss, hits,
+    masked tokens, row tokens] and the gradient norm; `where` names the step in errors."""
     per_micro = len(batch) // cfg.grad_accum
     stats = torch.zeros(4)
     for m in range(cfg.grad_accum):
@@ -343,11 +339,9 @@ def train_step(model, optimizer, scheduler, batch, cfg, device, dtype, where):
         loss.backward()
         stats += torch.tensor([loss.item(), hits, masked, tokens])
     grad_norm = distributed.clip_gradients(model, cfg.grad_clip, where)
-    lr = scheduler.get_last_lr()[0]
     optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return stats, grad_norm, lr
+    optimizer.zero_grad()
+    return stats, grad_norm
 
 
 def log_step(run, bar, done, total_steps, stats, lr, grad_norm, tokens_per_s):
@@ -361,13 +355,12 @@ def log_step(run, bar, done, total_steps, stats, lr, grad_norm, tokens_per_s):
     )
 
 
-def save_run(model, tokenizer, optimizer, scheduler, cfg, step, rank):
+def save_run(model, tokenizer, optimizer, cfg, step, rank):
     """The resumable save, runs/<run>/sft/: weights and trainer state in one atomic directory.
     A collective under FSDP (every process calls it); returns the full weights."""
     model_sd, optim_sd = distributed.full_state(model, optimizer)
     if rank == 0:
-        state = {"step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict()}
-        state["config"] = dataclasses.asdict(cfg)
+        state = {"step": step, "optimizer": optim_sd, "config": dataclasses.asdict(cfg)}
         save_checkpoint(model, tokenizer, Path(cfg.run) / "sft", state_dict=model_sd, trainer_state=state)
     return model_sd
 
@@ -388,9 +381,7 @@ def main(cfg):
     block_size = model.config.block_size
     total_steps = math.ceil(cfg.epochs * len(train) / cfg.batch_size) if cfg.epochs > 0 else cfg.steps
 
-    optimizer, scheduler, start = prepare_training(
-        model, cfg, trainer_state, total_steps, world, dtype, device
-    )
+    optimizer, start = prepare_training(model, cfg, trainer_state, world, dtype, device)
     if rank == 0:
         rundir.record_invocation(run, "sft", cfg)
         params = sum(p.numel() for p in model.parameters())
@@ -408,7 +399,9 @@ def main(cfg):
         mine = data_stream(step, cfg.batch_size, len(train), cfg.seed)[rank::world]
         batch = [(i, train[d]) for i, d in mine]  # (position in the stream: seeds the noise, doc)
         where = f"step {step} (saved up to step {start})"
-        stats, grad_norm, lr = train_step(model, optimizer, scheduler, batch, cfg, device, dtype, where)
+        # the warmup-cosine schedule: the step alone gives the lr, so a resumed run continues it
+        optimizer.lr = lr = cfg.lr * lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+        stats, grad_norm = train_step(model, optimizer, batch, cfg, device, dtype, where)
         if world > 1:
             torch.distributed.all_reduce(stats)
         tokens_since += stats[3].item()
@@ -419,10 +412,10 @@ def main(cfg):
                 log_step(run, bar, done, total_steps, stats, lr, grad_norm, tokens_since / elapsed)
             tokens_since = 0
         if done % cfg.save_every == 0 and done < total_steps:
-            save_run(model, tokenizer, optimizer, scheduler, cfg, done, rank)
+            save_run(model, tokenizer, optimizer, cfg, done, rank)
     bar.close()
 
-    model_sd = save_run(model, tokenizer, optimizer, scheduler, cfg, total_steps, rank)
+    model_sd = save_run(model, tokenizer, optimizer, cfg, total_steps, rank)
     if held_out:
         loss, acc = held_out_loss(model, held_out, cfg, device, dtype)
         if rank == 0:

@@ -4,6 +4,7 @@ script in the loop (refusals, resume after a kill)."""
 
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -504,3 +505,98 @@ def test_killed_update_is_redone_or_completed(tmp_path):
     assert (
         out.returncode == 0 and "already written" in out.stdout and support.policy.latest_policy(run)[0] == 1
     )
+
+
+def adamw_run(optimizer, model, steps, seed):
+    """`steps` optimizer steps of a tiny model on seeded random gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for param in model.parameters():
+            param.grad = torch.randn(param.shape, generator=gen)  # a DTensor's shape is the whole one
+            if hasattr(param, "placements"):  # sharded by FSDP2: this process's part of the same draw
+                from torch.distributed.tensor import distribute_tensor
+
+                param.grad = distribute_tensor(
+                    param.grad, param.device_mesh, param.placements, src_data_rank=None
+                )
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_adamw_is_torchs_to_the_bit_and_continues_from_torchs_state():
+    """support.distributed.AdamW (ours: torch's optimizers import torch._dynamo when built) takes
+    the steps torch.optim.AdamW takes, bit for bit on the CPU, with weight decay and a tied head;
+    a state saved from torch's (as torch.distributed.checkpoint names it) continues the same."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from support.distributed import AdamW
+
+    theirs_model, _ = support.model.load_model("tiny", seed=1)
+    ours_model, _ = support.model.load_model("tiny", seed=1)
+    theirs = torch.optim.AdamW(theirs_model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    ours = AdamW(ours_model, lr=3e-3, weight_decay=0.1)
+    adamw_run(theirs, theirs_model, 3, seed=0)
+    adamw_run(ours, ours_model, 3, seed=0)
+    for (name, a), b in zip(theirs_model.named_parameters(), ours_model.parameters()):
+        assert torch.equal(a, b), name
+    saved = get_optimizer_state_dict(theirs_model, theirs, options=StateDictOptions(full_state_dict=True))
+    assert sorted(saved["state"]) == sorted(ours.full_state_dict()["state"])
+    resumed = AdamW(ours_model, lr=1e-3, weight_decay=0.1)
+    resumed.load_full_state_dict(saved)
+    for group in theirs.param_groups:
+        group["lr"] = 1e-3  # as dipo.py does: the moments carry over, the lr is the new step's
+    adamw_run(theirs, theirs_model, 2, seed=1)
+    adamw_run(resumed, ours_model, 2, seed=1)
+    for (name, a), b in zip(theirs_model.named_parameters(), ours_model.parameters()):
+        assert torch.equal(a, b), name
+    assert resumed.full_state_dict()["state"]["lm_head.weight"]["step"] == 5
+
+
+SHARDED_ADAMW = """
+import sys, torch
+from support.distributed import full_state, init_distributed, make_optimizer
+from support.model import load_model
+from test_dipo import adamw_run
+rank, world, _ = init_distributed(threads=1)
+model, _ = load_model("tiny", seed=1)
+optimizer = make_optimizer(model, 3e-3, 0.1, False, world, torch.float32)
+optimizer.load_full_state_dict(torch.load(sys.argv[1], weights_only=True))
+adamw_run(optimizer, model, 2, seed=1)
+weights, state = full_state(model, optimizer)
+if rank == 0:
+    torch.save({"weights": weights, "state": state}, sys.argv[2])
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_adamw_state_shards_under_fsdp2_and_gathers_back_whole(tmp_path):
+    """Under torchrun (2 gloo processes, FSDP2) each process keeps its shard of a loaded state,
+    and two more steps give the weights and state that one process gets."""
+    from support.distributed import AdamW, full_state
+
+    model, _ = support.model.load_model("tiny", seed=1)
+    optimizer = AdamW(model, lr=3e-3, weight_decay=0.1)
+    adamw_run(optimizer, model, 3, seed=0)
+    torch.save(optimizer.full_state_dict(), tmp_path / "state.pt")
+    model, _ = support.model.load_model("tiny", seed=1)  # what the sharded run does, in one process
+    optimizer = AdamW(model, lr=3e-3, weight_decay=0.1)
+    optimizer.load_full_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    adamw_run(optimizer, model, 2, seed=1)
+    weights, state = full_state(model, optimizer)
+    (tmp_path / "sharded.py").write_text(SHARDED_ADAMW)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    out = subprocess.run(
+        [*torchrun, str(tmp_path / "sharded.py"), str(tmp_path / "state.pt"), str(tmp_path / "two.pt")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    for name, value in weights.items():
+        torch.testing.assert_close(two["weights"][name], value, atol=1e-6, rtol=0)
+    for name, slots in state["state"].items():
+        for slot, value in slots.items():
+            torch.testing.assert_close(two["state"]["state"][name][slot], value, atol=1e-6, rtol=0)

@@ -489,7 +489,7 @@ def sft_resume_state(run):
     """An sft/ save whose optimizer state has the wrong shapes, saved with the same settings."""
     shutil.copytree(support.policy.policy_dir(run, 0), run / "sft")
     config = dataclasses.asdict(sft.Config(run=str(run), threads=1, resume=True))
-    state = {**optimizer_state("model.norm.weight", (3, 3)), "step": 1, "config": config, "scheduler": {}}
+    state = {**optimizer_state("model.norm.weight", (3, 3)), "step": 1, "config": config}
     torch.save(state, run / "sft" / "trainer_state.pt")
     return ["--resume"]
 

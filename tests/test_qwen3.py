@@ -183,15 +183,21 @@ def test_sdar_sized_model_samples_a_block_and_takes_a_dipo_step(sdar_dir, dtype)
         assert torch.isfinite(p).all() and (name not in before or not torch.equal(p, before[name])), name
 
 
-def test_no_stage_imports_transformers():
+def test_no_stage_imports_transformers_or_dynamo():
     """The stages' start-up: every stage script, the tiny model, one forward, and transformers
-    never imported (it is the tests' oracle only)."""
+    never imported (it is the tests' oracle only); then one process's optimizer step and save
+    import neither torch._dynamo (torch.optim's optimizers do) nor torch.distributed.checkpoint
+    (2-3 s together on 2 cores)."""
     code = (
-        "import sys, torch, attention, sft, rollout, dipo, eval, support.model\n"
+        "import sys, torch, attention, sft, rollout, dipo, eval, support.model, support.distributed\n"
         "model, tok = support.model.load_model('tiny')\n"
         "layout = attention.make_layout([[(8, 1, 4)]], 4)\n"
-        "attention.forward_layout(model, torch.zeros(1, 12, dtype=torch.long), layout)\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))"
+        "attention.forward_layout(model, torch.zeros(1, 12, dtype=torch.long), layout).sum().backward()\n"
+        "optimizer = support.distributed.make_optimizer(model, 1e-3, 0.0, False, 1, torch.float32)\n"
+        "optimizer.step()\n"
+        "support.distributed.full_state(model, optimizer)\n"
+        "heavy = ('transformers', 'torch._dynamo', 'torch.distributed.checkpoint')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout[-2000:] + out.stderr[-2000:]

@@ -3,16 +3,18 @@
 Every stage imports this file; it is the one place where the attention rule of a
 blockwise diffusion LM (SDAR) is written down.
 
-A training row holds, per document, one clean copy x0 and R >= 1 noisy copies,
-all sharing position ids (docs/design.md, "The mask"). With block(i) = pos(i) // b,
+A training row holds, per document, one clean copy x0 and noisy versions of its
+blocks, all sharing position ids (docs/design.md, "The mask"). With block(i) = pos(i) // b,
 query i may attend key j of the same document when
   1. both are clean and block(j) <= block(i)            (block-causal),
   2. both are in the same noisy copy and block(j) == block(i)  (bidirectional in a block),
   3. i is noisy, j is clean and block(j) < block(i)     (a noisy block sees the clean past).
-R = 1 is SFT ([x_t ; x0]); R = number of denoising rounds is DiPO. Several
-documents can be packed into one row: tokens of different documents never meet.
-A noisy copy may start at any block boundary (`noisy_from`): blocks made only of
-prompt tokens are never masked, so they need no noisy copy.
+SFT has one noisy copy x_t ([x0 ; x_t], every block once); DiPO replays each block in
+every denoising round that still masks one of its tokens, each version a copy of its own
+(no token sees a noisy block but the block itself, so a block already whole is left out).
+Several documents can be packed into one row: tokens of different documents never meet.
+The noisy blocks start at a block boundary (`noisy_from`): blocks made only of prompt
+tokens are never masked, so they need no noisy version.
 
 Backends, chosen per model (`--attn`): "flex" (FlexAttention with a cached BlockMask; the
 default on CUDA), "sdpa" (a dense boolean [B, 1, N, N] mask from the same `mask_mod`; the
@@ -24,8 +26,9 @@ Usage:  python attention.py --model PATH_OR_tiny [--save DIR]
         (prints what was loaded; --save writes it as a checkpoint of this project: support/model.py)
 
 How this differs from the paper's code: the mask is built once per layout and
-cached instead of on every forward; packed documents and noisy copies that skip
-prompt-only blocks are part of the rule; one block size, read from the checkpoint.
+cached instead of on every forward; packed documents and noisy versions of only the
+blocks a round still masks (no prompt-only or finished blocks) are part of the rule; one
+block size, read from the checkpoint.
 """
 
 import functools
@@ -45,11 +48,12 @@ BACKENDS = ("sdpa", "flex", "eager")  # the form of the mask, and so the attenti
 
 @dataclass
 class Layout:
-    """Where every token of a batch sits. Token order inside a row: for each document,
-    its clean copy, then its noisy copies 1..R; padding (doc = -1) at the end of the row."""
+    """Where every token of a batch sits. Token order inside a row: for each document, its
+    clean copy, then its noisy blocks (each block's noisy versions side by side); padding
+    (doc = -1) at the end of the row."""
 
     doc: torch.Tensor  # [B, N] document id inside the row; -1 = padding
-    copy: torch.Tensor  # [B, N] 0 = clean copy x0, r >= 1 = noisy copy r
+    copy: torch.Tensor  # [B, N] 0 = clean copy x0, r >= 1 = the document's r-th noisy block version
     pos: torch.Tensor  # [B, N] position inside the document: the RoPE position and the block index source
     block_size: int
 
@@ -58,20 +62,39 @@ class Layout:
         return (tuple(self.doc.shape), self.block_size, hashlib.sha1(rows).hexdigest())
 
 
+def noisy_spans(length, noisy_from, block_size):
+    """(start, end) of each block of positions noisy_from..length-1 (the last may be short)."""
+    return [(start, min(start + block_size, length)) for start in range(noisy_from, length, block_size)]
+
+
 def make_layout(rows, block_size):
-    """rows: one list per batch row of documents (length, num_noisy, noisy_from); the document's
-    clean copy covers positions 0..length-1 and each noisy copy positions noisy_from..length-1.
-    Rows are padded to the longest one."""
+    """rows: one list per batch row of documents (length, noisy, noisy_from). The clean copy
+    covers positions 0..length-1; then each block of noisy_from..length-1 comes in `noisy`
+    noisy versions (an int: as many of every block; a list: one count per block), block after
+    block. Each version is a copy of its own, so it sees only itself and the clean past. Rows
+    are padded to the longest one."""
     cols = []
     for row in rows:
         doc, copy, pos = [], [], []
-        for d, (length, num_noisy, noisy_from) in enumerate(row):
+        for d, (length, noisy, noisy_from) in enumerate(row):
             if noisy_from % block_size or not 0 <= noisy_from <= length:
                 raise ValueError(f"noisy_from={noisy_from} must be a block boundary inside 0..{length}")
-            noisy = length - noisy_from
-            doc += [d] * (length + num_noisy * noisy)
-            copy += [0] * length + [r for r in range(1, num_noisy + 1) for _ in range(noisy)]
-            pos += list(range(length)) + list(range(noisy_from, length)) * num_noisy
+            spans = noisy_spans(length, noisy_from, block_size)
+            counts = [noisy] * len(spans) if isinstance(noisy, int) else list(noisy)
+            if len(counts) != len(spans):
+                raise ValueError(
+                    f"{len(counts)} noisy counts for the {len(spans)} blocks of {noisy_from}..{length}"
+                )
+            doc += [d] * length
+            copy += [0] * length
+            pos += list(range(length))
+            versions = 0
+            for (start, end), count in zip(spans, counts):
+                for _ in range(count):
+                    versions += 1
+                    doc += [d] * (end - start)
+                    copy += [versions] * (end - start)
+                    pos += list(range(start, end))
         cols.append((doc, copy, pos))
     width = max(len(doc) for doc, _, _ in cols)
     pad = lambda xs, v: xs + [v] * (width - len(xs))  # noqa: E731
@@ -210,78 +233,84 @@ def pack_rows(sizes, row_len):
     return rows
 
 
-# ------------------------------------------------------------------------ packed rows [clean ; noisy copies]
+# ------------------------------------------------------------------------ packed rows [clean ; noisy blocks]
 
 
 def replay_copies(prompt_ids, response_ids, step_map, mask_id, block_size, rounds=None):
-    """The noisy copies that replay a sampled response: one per denoising round s that commits
-    a token (or only `rounds`), round s masking every response token committed at step >= s,
-    which is the state the sampler was in at step s of every block. Each copy covers
-    positions noisy_from.. (noisy_from: the first block that holds a response token).
-    Returns (noisy_from, rounds, copies)."""
+    """The noisy versions that replay a sampled response. Round s masks every response token
+    committed at step >= s, the state the sampler was in at step s of every block; the rounds
+    are those that commit a token (or only `rounds`). A block is replayed in round s only if
+    it still masks a token then: a block already whole has nothing to score, and no other
+    token sees a noisy block. Blocks start at noisy_from, the first that holds a response token.
+    Returns (noisy_from, block_rounds, versions): per block, its rounds and its tokens in each."""
     clean = list(prompt_ids) + list(response_ids)
     prompt_len = len(prompt_ids)
     noisy_from = prompt_len // block_size * block_size
     rounds = sorted(set(step_map)) if rounds is None else rounds
-    copies = [
-        [
-            mask_id if pos >= prompt_len and step_map[pos - prompt_len] >= s else clean[pos]
-            for pos in range(noisy_from, len(clean))
-        ]
-        for s in rounds
-    ]
-    return noisy_from, rounds, copies
+    block_rounds, versions = [], []
+    for start, end in noisy_spans(len(clean), noisy_from, block_size):
+        steps = [step_map[p - prompt_len] if p >= prompt_len else -1 for p in range(start, end)]  # -1: prompt
+        block_rounds.append([s for s in rounds if max(steps) >= s])
+        versions.append(
+            [
+                [mask_id if step >= s else clean[start + i] for i, step in enumerate(steps)]
+                for s in block_rounds[-1]
+            ]
+        )
+    return noisy_from, block_rounds, versions
 
 
 def pack_copies(documents, block_size, pad_id, row_len):
-    """The one builder of training rows, for SFT (one noisy copy x_t per document) and DiPO
-    (one copy per denoising round). documents: (clean ids, noisy_from, copies), each copy the
-    tokens of positions noisy_from.. . A document's columns are [clean ; copy 0 ; copy 1 ...]
-    inside one row (pack_rows). Returns input_ids [B, N], the Layout, the rows (document
-    indices per row, in column order) and each document's first column; position p of copy
-    k is at copy_column(first, len(clean), noisy_from, k, p)."""
-    sizes = [len(clean) + len(copies) * (len(clean) - noisy_from) for clean, noisy_from, copies in documents]
+    """The one builder of training rows, for SFT (one noisy version of each block: x_t) and DiPO
+    (one per round that replays the block). documents: (clean ids, noisy_from, versions), with
+    versions[i] the noisy versions (token lists) of block i of noisy_from.. . A document's columns
+    are [clean ; block 0's versions ; block 1's ...] inside one row (pack_rows). Returns input_ids
+    [B, N], the Layout, the rows (document indices per row, in column order) and per document
+    its noisy columns, {(version, position): column}."""
+    sizes = [
+        len(clean) + sum(len(t) for block in versions for t in block) for clean, _, versions in documents
+    ]
     rows = pack_rows(sizes, row_len)
-    ids, spec, first = [], [], [0] * len(documents)
+    ids, spec, columns = [], [], [None] * len(documents)
     for row in rows:
         row_ids, row_spec = [], []
         for d in row:
-            clean, noisy_from, copies = documents[d]
-            first[d] = len(row_ids)
-            row_ids += list(clean) + [t for copy in copies for t in copy]
-            row_spec.append((len(clean), len(copies), noisy_from))
+            clean, noisy_from, versions = documents[d]
+            row_ids += clean
+            columns[d] = {}
+            for (start, _), block in zip(noisy_spans(len(clean), noisy_from, block_size), versions):
+                for k, tokens in enumerate(block):
+                    columns[d].update({(k, start + i): len(row_ids) + i for i in range(len(tokens))})
+                    row_ids += tokens
+            row_spec.append((len(clean), [len(block) for block in versions], noisy_from))
         ids.append(row_ids)
         spec.append(row_spec)
     width = max(len(r) for r in ids)
     input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in ids])  # [B, N]
-    return input_ids, make_layout(spec, block_size), rows, first
+    return input_ids, make_layout(spec, block_size), rows, columns
 
 
-def copy_column(first, length, noisy_from, k, pos):
-    """Column of position `pos` of noisy copy k of a document that starts at column `first`."""
-    return first + length + k * (length - noisy_from) + pos - noisy_from
-
-
-def replay_positions(record, noisy_from, rounds, first, block_size, all_masked=False):
+def replay_positions(record, noisy_from, block_rounds, columns, block_size, all_masked=False):
     """Where a packed replay (replay_copies, pack_copies) scores a record: (column, token id,
     index in the response, round, block) for every token each round commits, or with
     all_masked every position it masks (the exact estimator's selection factor needs the
-    distribution at the ones not kept too). first: the record's first column in its row."""
+    distribution at the ones not kept too). columns: the record's, from pack_copies."""
     clean = list(record["prompt_ids"]) + list(record["response_ids"])
     prompt_len, step_map = len(record["prompt_ids"]), record["step_map"]
     out = []
-    for k, s in enumerate(rounds):
-        for pos in range(max(noisy_from, prompt_len), len(clean)):
-            step = step_map[pos - prompt_len]
-            if step >= s and (all_masked or step == s):
-                col = copy_column(first, len(clean), noisy_from, k, pos)
-                out.append((col, clean[pos], pos - prompt_len, s, pos // block_size))
+    for (start, end), rounds in zip(noisy_spans(len(clean), noisy_from, block_size), block_rounds):
+        for k, s in enumerate(rounds):
+            for pos in range(max(start, prompt_len), end):
+                step = step_map[pos - prompt_len]
+                if step >= s and (all_masked or step == s):
+                    out.append((columns[k, pos], clean[pos], pos - prompt_len, s, pos // block_size))
     return out
 
 
 def replay_batch(records, mask_id, block_size, pad_id, row_len, rounds=None, all_masked=False):
     """The one builder of replay batches (dipo.py trains on them, the LMDeploy check re-scores
-    with them): rollout records packed into rows of [clean ; one noisy copy per round]. Returns
+    with them): rollout records packed into rows of [clean ; each block's noisy versions, one
+    per round that replays it] (replay_copies). Returns
     input_ids [B, N], the Layout, and per scored position (a dict of [N] tensors): row, col,
     token, record (index in `records`), index (in the response), committed (in that round) and
     sampler_step (a number per (record, round, block): the positions of one sampler step)."""
@@ -290,16 +319,16 @@ def replay_batch(records, mask_id, block_size, pad_id, row_len, rounds=None, all
         for r in records
     ]
     documents = [
-        (list(r["prompt_ids"]) + list(r["response_ids"]), noisy_from, copies)
-        for r, (noisy_from, _, copies) in zip(records, replays)
+        (list(r["prompt_ids"]) + list(r["response_ids"]), noisy_from, versions)
+        for r, (noisy_from, _, versions) in zip(records, replays)
     ]
-    input_ids, layout, rows, first = pack_copies(documents, block_size, pad_id, row_len)
+    input_ids, layout, rows, columns = pack_copies(documents, block_size, pad_id, row_len)
     where, sampler_steps = defaultdict(list), {}
     for row_index, row in enumerate(rows):
         for i in row:
-            noisy_from, record_rounds, _ = replays[i]
+            noisy_from, block_rounds, _ = replays[i]
             for col, token, t, s, block in replay_positions(
-                records[i], noisy_from, record_rounds, first[i], block_size, all_masked
+                records[i], noisy_from, block_rounds, columns[i], block_size, all_masked
             ):
                 where["row"].append(row_index)
                 where["col"].append(col)

@@ -19,7 +19,8 @@ each token is scored in the round it was committed in, the state it was drawn fr
 log pi_old is recomputed at step k's weights; its gap to the recorded logprobs is the
 train-inference mismatch, logged. A minibatch's loss is a weighted sum of loss_t (token_weights)
 with global counts, so micro-batches and processes do not change the gradient. All rounds of a
-response are scored in one forward over [clean ; one noisy copy per round] (attention.replay_batch).
+response are scored in one forward over [clean ; each block in each round that still masks it]
+(attention.replay_batch).
 
 How this differs from the paper's code:
   - one forward for all rounds, where DiRL/TraceRL run one per round (the same logprobs and

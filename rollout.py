@@ -63,7 +63,14 @@ from support import distributed, engine, rundir
 from support.data import MAX_DATA_MB, data_stream
 from support.flags import flag, run_stage
 from support.model import IM_END, load_model
-from support.rollout_files import encode_prompts, output_path, stream_start, write_rollouts
+from support.rollout_files import (
+    encode_prompts,
+    make_record,
+    output_path,
+    sampler_settings,
+    stream_start,
+    write_rollouts,
+)
 from support.row_cache import LiveRows, RowCache, compaction_order
 
 STRATEGIES = ("low_confidence_dynamic", "low_confidence_static", "sequential")
@@ -334,47 +341,6 @@ def sequence_seed(seed, step, prompt_id, sample):
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def sampler_settings(cfg, model_config):
-    """The `sampler` field of every record: what dipo.py checks the rollouts against, and what
-    --estimator exact needs to replay the commit rule."""
-    return {
-        "block_size": model_config.block_size,
-        "mask_token_id": model_config.mask_token_id,
-        "strategy": cfg.strategy,
-        "threshold": cfg.threshold,
-        "denoising_steps": cfg.denoising_steps,
-        "temperature": cfg.temperature,
-        "top_k": cfg.top_k,
-        "top_p": cfg.top_p,
-        "max_new_tokens": cfg.max_new_tokens,
-        "engine": cfg.engine,
-        "seed": cfg.seed,
-        "ban_eos": cfg.ban_eos,
-        "min_new_tokens": cfg.min_new_tokens,
-    }
-
-
-def make_record(policy_step, prompt_index, sample, prompt, prompt_ids, result, text, reward, sampler):
-    """One line of the rollout file (docs/design.md, "The rollout record"); the prompt's own
-    extra fields ride along at the end."""
-    return {
-        "policy_step": policy_step,
-        "prompt_id": str(prompt_index),
-        "sample": sample,
-        "question": prompt["question"],
-        "ground_truth_answer": prompt["ground_truth_answer"],
-        "prompt_ids": prompt_ids,
-        "response_ids": result["response_ids"],
-        "step_map": result["step_map"],
-        "logprobs": result["logprobs"],
-        "text": text,
-        "reward": reward,
-        "finish": result["finish"],
-        "sampler": sampler,
-        **{k: v for k, v in prompt.items() if k not in ("question", "ground_truth_answer")},
-    }
 
 
 def check_flags(cfg):

@@ -134,24 +134,25 @@ def diffusion_loss(logits, targets, weights):
 def build_micro_batch(docs, noises, block_size, mask_id, pad_id, row_len, docs_in_batch):
     """docs: (prompt_ids, response_ids) with len(prompt + response) a multiple of block_size;
     noises: (p, masked) per doc. Rows of [clean copy ; noisy copy] per document
-    (attention.pack_copies), the noisy copy starting at the block that holds the first response
-    token. Returns input_ids [B, N], the Layout, and per loss token (masked response token):
-    row, column, target, weight."""
+    (attention.pack_copies, one noisy version of each block), the noisy copy starting at the
+    block that holds the first response token. Returns input_ids [B, N], the Layout, and per
+    loss token (masked response token): row, column, target, weight."""
     documents = []
     for (prompt, response), (_, masked) in zip(docs, noises):
         clean, noisy_from = prompt + response, len(prompt) // block_size * block_size
         noisy = [mask_id if masked[i] else clean[i] for i in range(noisy_from, len(clean))]
-        documents.append((clean, noisy_from, [noisy]))
-    input_ids, layout, rows, first = attention.pack_copies(documents, block_size, pad_id, row_len)
+        blocks = [[noisy[i : i + block_size]] for i in range(0, len(noisy), block_size)]
+        documents.append((clean, noisy_from, blocks))
+    input_ids, layout, rows, columns = attention.pack_copies(documents, block_size, pad_id, row_len)
     loss_rows, loss_cols, targets, weights = [], [], [], []
     for r, row in enumerate(rows):
         for d in row:
-            clean, noisy_from, _ = documents[d]
+            clean = documents[d][0]
             p, masked = noises[d]
             weight = 1.0 / (p * len(docs[d][1]) * docs_in_batch)
             for i in masked.nonzero().flatten().tolist():
                 loss_rows.append(r)
-                loss_cols.append(attention.copy_column(first[d], len(clean), noisy_from, 0, i))
+                loss_cols.append(columns[d][0, i])  # masked position i of the one noisy copy
                 targets.append(clean[i])
                 weights.append(weight)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731

@@ -1,6 +1,7 @@
 """DiPO scoring: the packed one-forward way of dipo.py vs one forward per round (DiRL/TraceRL
-style: each round's state [clean ; that round's noisy copy] in its own forward, the LM head over
-every position), on the same synthetic rollouts: wall time of forward + backward of the loss
+style: each round's state in its own forward, the LM head over every position; the blocks the
+round leaves whole are left out, where TraceRL keeps them, so the per-round side is the cheaper
+for it), on the same synthetic rollouts: wall time of forward + backward of the loss
 over all responses, peak memory (max RSS of a fresh process per variant), and the gap between
 the two gradients.
 

@@ -1,6 +1,7 @@
-"""rollout.py's files: its prompts as token ids, where a policy step's rollouts go, where its
-prompts start in the stream (the .stream.json that --dynamic-sampling leaves beside the step
-before), and the rollout file itself with its metrics line. Used by rollout.py.
+"""rollout.py's files: its prompts as token ids, the records it writes (docs/design.md, "The
+rollout record"), where a policy step's rollouts go, where its prompts start in the stream
+(the .stream.json that --dynamic-sampling leaves beside the step before), and the rollout file
+itself with its metrics line. Used by rollout.py.
 """
 
 import json
@@ -27,6 +28,47 @@ def encode_prompts(numbered, tokenizer, instruction, max_new_tokens, model_confi
                 f"that is {length}, past the model's {c.max_position_embeddings} positions"
             )
     return list(zip(texts, prompt_ids))
+
+
+def sampler_settings(cfg, model_config):
+    """The `sampler` field of every record: what dipo.py checks the rollouts against, and what
+    --estimator exact needs to replay the commit rule."""
+    return {
+        "block_size": model_config.block_size,
+        "mask_token_id": model_config.mask_token_id,
+        "strategy": cfg.strategy,
+        "threshold": cfg.threshold,
+        "denoising_steps": cfg.denoising_steps,
+        "temperature": cfg.temperature,
+        "top_k": cfg.top_k,
+        "top_p": cfg.top_p,
+        "max_new_tokens": cfg.max_new_tokens,
+        "engine": cfg.engine,
+        "seed": cfg.seed,
+        "ban_eos": cfg.ban_eos,
+        "min_new_tokens": cfg.min_new_tokens,
+    }
+
+
+def make_record(policy_step, prompt_index, sample, prompt, prompt_ids, result, text, reward, sampler):
+    """One line of the rollout file (docs/design.md, "The rollout record"); the prompt's own
+    extra fields ride along at the end."""
+    return {
+        "policy_step": policy_step,
+        "prompt_id": str(prompt_index),
+        "sample": sample,
+        "question": prompt["question"],
+        "ground_truth_answer": prompt["ground_truth_answer"],
+        "prompt_ids": prompt_ids,
+        "response_ids": result["response_ids"],
+        "step_map": result["step_map"],
+        "logprobs": result["logprobs"],
+        "text": text,
+        "reward": reward,
+        "finish": result["finish"],
+        "sampler": sampler,
+        **{k: v for k, v in prompt.items() if k not in ("question", "ground_truth_answer")},
+    }
 
 
 def output_path(cfg):

@@ -25,10 +25,15 @@ def brute_force_mask(rows, block_size):
     masks = []
     for row in rows:
         tokens = []
-        for d, (length, num_noisy, noisy_from) in enumerate(row):
+        for d, (length, noisy, noisy_from) in enumerate(row):
             tokens += [(d, 0, p) for p in range(length)]
-            for r in range(1, num_noisy + 1):
-                tokens += [(d, r, p) for p in range(noisy_from, length)]
+            starts = range(noisy_from, length, block_size)
+            counts = [noisy] * len(starts) if isinstance(noisy, int) else noisy
+            copy = 0
+            for start, count in zip(starts, counts):  # block after block, each version its own copy
+                for _ in range(count):
+                    copy += 1
+                    tokens += [(d, copy, p) for p in range(start, min(start + block_size, length))]
         masks.append(tokens)
     width = max(len(t) for t in masks)
     out = torch.zeros(len(rows), 1, width, width, dtype=torch.bool)
@@ -63,15 +68,19 @@ def random_rows(rng, block_size, num_noisy, num_rows=2, max_docs=3):
                 block_size * rng.randint(1, 4) + rng.choice([0, 0, 1, 3]) % block_size
             )  # not multiples of 16
             noisy_from = block_size * rng.randint(0, length // block_size)
-            row.append((length, num_noisy, noisy_from))
+            if num_noisy == "per block":  # DiPO's replays: each block in as many versions as its rounds
+                blocks = len(range(noisy_from, length, block_size))
+                row.append((length, [rng.randint(0, 3) for _ in range(blocks)], noisy_from))
+            else:
+                row.append((length, num_noisy, noisy_from))
         rows.append(row)
     return rows
 
 
-@pytest.mark.parametrize("num_noisy", [1, 2, 4])
+@pytest.mark.parametrize("num_noisy", [1, 2, 4, "per block"])
 @pytest.mark.parametrize("block_size", [1, 2, 4, 8])
 def test_dense_mask_equals_brute_force(num_noisy, block_size):
-    rng = random.Random(block_size * 10 + num_noisy)
+    rng = random.Random(f"{block_size} {num_noisy}")
     for _ in range(3):
         rows = random_rows(rng, block_size, num_noisy)
         layout = attention.make_layout(rows, block_size)
@@ -97,12 +106,14 @@ def test_mask_by_hand_for_one_small_document():
     assert torch.equal(attention.dense_mask(layout)[0, 0], expected)
 
 
-def test_make_layout_refuses_noisy_copy_off_a_block_boundary():
+def test_make_layout_refuses_noisy_copy_off_a_block_boundary_or_miscounted():
     with pytest.raises(ValueError, match="block boundary"):
         attention.make_layout([[(8, 1, 3)]], block_size=4)
+    with pytest.raises(ValueError, match="1 noisy counts for the 2 blocks"):
+        attention.make_layout([[(8, [1], 0)]], block_size=4)
 
 
-@pytest.mark.parametrize("num_noisy,block_size", [(1, 4), (2, 2), (4, 8)])
+@pytest.mark.parametrize("num_noisy,block_size", [(1, 4), (2, 2), (4, 8), ("per block", 4)])
 def test_flex_forward_equals_sdpa_with_dense_mask(num_noisy, block_size):
     torch.manual_seed(0)
     rows = random_rows(random.Random(7), block_size, num_noisy)

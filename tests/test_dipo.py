@@ -90,26 +90,45 @@ def test_packed_forward_equals_one_forward_per_round():
     torch.testing.assert_close(grad_packed, grad_reference, atol=1e-5, rtol=1e-4)
 
 
-def test_rounds_skip_rounds_that_commit_nothing_and_prompt_only_blocks():
-    record = {"prompt_ids": [10, 11, 12, 13, 14], "response_ids": [20, 21, 22], "step_map": [2, 0, 2]}
-    noisy_from, rounds, copies = attention.replay_copies(
+def test_rounds_skip_rounds_that_commit_nothing_prompt_only_blocks_and_whole_blocks():
+    record = {
+        "prompt_ids": [10, 11, 12, 13, 14],
+        "response_ids": [20, 21, 22, 23, 24],
+        "step_map": [2, 0, 2, 0, 0],
+    }
+    noisy_from, block_rounds, versions = attention.replay_copies(
         record["prompt_ids"], record["response_ids"], record["step_map"], MASK, 4
     )
-    assert (noisy_from, rounds) == (4, [0, 2])  # rounds 0 and 2 only; noisy copies start at position 4
-    assert copies == [[14, MASK, MASK, MASK], [14, MASK, 21, MASK]]
-    ids, layout, rows, first = attention.pack_copies(
-        [([10, 11, 12, 13, 14, 20, 21, 22], noisy_from, copies)], 4, 0, 100
+    # rounds 0 and 2 only (round 1 commits nothing); blocks from position 4; the second block is
+    # whole after round 0, so round 2 does not replay it
+    assert (noisy_from, block_rounds) == (4, [[0, 2], [0]])
+    assert versions == [[[14, MASK, MASK, MASK], [14, MASK, 21, MASK]], [[MASK, MASK]]]
+    ids, layout, rows, columns = attention.pack_copies(
+        [([10, 11, 12, 13, 14, 20, 21, 22, 23, 24], noisy_from, versions)], 4, 0, 100
     )
-    assert ids[0].tolist() == [10, 11, 12, 13, 14, 20, 21, 22] + [14, MASK, MASK, MASK] + [14, MASK, 21, MASK]
-    assert (rows, first) == ([[0]], [0])
-    scored = attention.replay_positions(record, noisy_from, rounds, 0, 4)
+    noisy = [14, MASK, MASK, MASK] + [14, MASK, 21, MASK] + [MASK, MASK]
+    assert ids[0].tolist() == [10, 11, 12, 13, 14, 20, 21, 22, 23, 24] + noisy
+    assert layout.copy[0].tolist() == [0] * 10 + [1] * 4 + [2] * 4 + [3] * 2
+    assert layout.pos[0, 10:].tolist() == [4, 5, 6, 7] * 2 + [8, 9]
+    assert rows == [[0]] and columns[0][1, 5] == 15 and columns[0][0, 9] == 19
+    scored = attention.replay_positions(record, noisy_from, block_rounds, columns[0], 4)
     assert scored == [
-        (10, 21, 1, 0, 1),
-        (13, 20, 0, 2, 1),
-        (15, 22, 2, 2, 1),
+        (12, 21, 1, 0, 1),
+        (15, 20, 0, 2, 1),
+        (17, 22, 2, 2, 1),
+        (18, 23, 3, 0, 2),
+        (19, 24, 4, 0, 2),
     ]  # (column, token, index, round, block)
-    every = attention.replay_positions(record, noisy_from, rounds, 0, 4, all_masked=True)
-    assert [(col, s) for col, _, _, s, _ in every] == [(9, 0), (10, 0), (11, 0), (13, 2), (15, 2)]
+    every = attention.replay_positions(record, noisy_from, block_rounds, columns[0], 4, all_masked=True)
+    assert [(col, s) for col, _, _, s, _ in every] == [
+        (11, 0),
+        (12, 0),
+        (13, 0),
+        (15, 2),
+        (17, 2),
+        (18, 0),
+        (19, 0),
+    ]
 
 
 def test_group_advantages_and_equal_groups():

@@ -300,12 +300,13 @@ def stop_index(response_ids, stop_ids):
 
 
 def select_prompts(num_prompts, total, seed, step, start=None):
-    """Indices of the prompts for policy step `step`: the next num_prompts of common's data
-    stream (from position step x num_prompts, or `start`), a fresh seeded order every pass
-    through the file (0 = all, in file order)."""
+    """Indices of the prompts for policy step `step`: the next num_prompts of the data stream
+    (from position step x num_prompts, or `start`), a fresh seeded order every pass through
+    the file (0 = all, in file order). A step that spans two passes can meet a prompt twice:
+    it is sampled once (a group per prompt; records are keyed by prompt and sample)."""
     if num_prompts <= 0:
         return list(range(total))
-    return [i for _, i in data_stream(step, num_prompts, total, seed, start)]
+    return list(dict.fromkeys(i for _, i in data_stream(step, num_prompts, total, seed, start)))
 
 
 def dynamic_rounds(sample_round, round_prompts, num_prompts, max_rounds):

@@ -13,6 +13,7 @@ import torch
 
 import attention
 import rollout
+import support.data
 import support.engine
 import support.flags
 import support.model
@@ -631,6 +632,31 @@ def test_prompt_selection_moves_on_with_the_policy_step():
     seen = [i for step in range(5) for i in rollout.select_prompts(4, 20, seed=1, step=step)]
     assert sorted(seen) == list(range(20))  # one pass over the file in 5 steps, no repeats
     assert rollout.select_prompts(0, 7, seed=1, step=3) == list(range(7))
+    # 7 prompts, 3 a step: some steps span two passes, and a prompt met twice in one step is
+    # sampled once (two groups of one prompt would repeat its (prompt_id, sample) keys)
+    short = 0
+    for step in range(40):
+        stream = [i for _, i in support.data.data_stream(step, 3, 7, 1)]
+        chosen = rollout.select_prompts(3, 7, seed=1, step=step)
+        assert len(set(chosen)) == len(chosen) and set(chosen) == set(stream)
+        assert chosen == sorted(chosen, key=stream.index)  # in stream order
+        short += len(chosen) < 3
+    assert short > 0
+
+
+def test_a_step_across_two_passes_samples_a_repeated_prompt_once(run_dir, stopping_model, tmp_path):
+    """Policy step 3, 3 prompts a step from a file of 10: stream positions 9-11 span two passes.
+    With a seed that brings one prompt on both sides, the file holds each (prompt_id, sample)
+    once, and dipo.py's reader takes it (it refuses a repeated pair)."""
+    seed = next(s for s in range(100) if len({i for _, i in support.data.data_stream(3, 3, 10, s)}) < 3)
+    data = tmp_path / "ten.jsonl"
+    data.write_text("".join((ROOT / "data" / "arith_test.jsonl").read_text().splitlines(True)[:10]))
+    out = tmp_path / "r.jsonl"
+    args = ["--policy", run_dir / "policy" / "step_000003", "--data", data, "--out", out, "--seed", seed]
+    result = run_rollout(args + ["--num-prompts", 3, "--group-size", 2, "--max-new-tokens", 8])
+    assert result.returncode == 0, result.stderr
+    records = support.data.read_rollouts(out, 3, stopping_model[0].config, 0)
+    assert len(records) == 4 and len({r["prompt_id"] for r in records}) == 2
 
 
 def torchrun_rollout(args, out):

@@ -250,7 +250,8 @@ def replay_copies(prompt_ids, response_ids, step_map, mask_id, block_size, round
     block_rounds, versions = [], []
     for start, end in noisy_spans(len(clean), noisy_from, block_size):
         steps = [step_map[p - prompt_len] if p >= prompt_len else -1 for p in range(start, end)]  # -1: prompt
-        block_rounds.append([s for s in rounds if max(steps) >= s])
+        last = max(steps)  # the block's last step: whole from round last + 1 on
+        block_rounds.append([s for s in rounds if s <= last])
         versions.append(
             [
                 [mask_id if step >= s else clean[start + i] for i, step in enumerate(steps)]

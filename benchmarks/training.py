@@ -18,7 +18,6 @@ Usage:  python benchmarks/training.py [--steps 30] [--threads 1] [--row-len 256]
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -107,7 +106,7 @@ def main():
         f"with dense attention as computed {computed:.1f} GFLOP/s = {computed / peak:.1%}"
     )
     records = (
-        read_records(args.rollouts)
+        [record for _, record in support.data.read_records(args.rollouts)]
         if args.rollouts
         else synthetic_records(docs, args.responses, c.block_size)
     )
@@ -120,10 +119,6 @@ def main():
         f"  {row_tokens / seconds:,.0f} row tokens/s = {row_tokens / seconds / (tokens / elapsed):.2f}x sft's "
         f"({scored / seconds:,.0f} scored tokens/s, {seconds:.2f} s)"
     )
-
-
-def read_records(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def synthetic_records(docs, n, block_size, seed=0):
@@ -156,14 +151,8 @@ def dipo_update(model, records, model_config):
     minibatches = dipo.split_minibatches(len(records), cfg.minibatches, cfg.seed, 0)
     plan = dipo.plan_micro_batches(records, adv, minibatches, cfg, model_config, 0, 1, False)
     optimizer = support.distributed.AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    cpu = torch.device("cpu")
     t = time.perf_counter()
-    for micro_batches in plan:
-        for micro in micro_batches:
-            dipo.dipo_loss(model, micro, None, None, cfg, cpu, torch.float32)[0].backward()
-        support.distributed.clip_gradients(model, cfg.grad_clip, "benchmark")
-        optimizer.step()
-        optimizer.zero_grad()
+    dipo.ppo_epochs(model, optimizer, plan, {}, {}, cfg, None, 1, 0, torch.device("cpu"), torch.float32)
     seconds = time.perf_counter() - t
     micro_batches = [micro for micro_batches in plan for micro in micro_batches]
     row_tokens = sum(int((micro["batch"][1].doc >= 0).sum()) for micro in micro_batches)

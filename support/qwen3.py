@@ -179,9 +179,8 @@ class Qwen3ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.attn = "sdpa"  # the attention backend of attention_mask_for (support/model.load_model sets it)
-        self.checkpointing = (
-            False  # recompute each block in the backward (support/distributed.make_optimizer)
-        )
+        # recompute each block in the backward (support/distributed.make_optimizer sets it)
+        self.checkpointing = False
         self.model = nn.Module()
         on_meta = torch.empty(0).is_meta  # load_model builds on the meta device, then takes a checkpoint's
         weight = (

@@ -16,7 +16,9 @@ block (step_map); round s is the state in which every token with step_map >= s i
 each token is scored in the round it was committed in, the state it was drawn from:
     ratio_t = exp(log pi_theta(x_t | round s) - log pi_old(x_t | round s))
     loss_t  = -min(ratio_t A, clip(ratio_t, 1 - clip_low, 1 + clip_high) A) + beta k3(pi_ref, pi_theta)
-log pi_old is recomputed at step k's weights; its gap to the recorded logprobs is the
+log pi_old is log pi at step k's weights: our sampler recorded it, so it is read from the
+records (--old-logprobs auto), or recomputed by a forward for LMDeploy's rollouts; the gap
+between the recorded logprobs and the update's first forward, at step k's weights, is the
 train-inference mismatch, logged. A minibatch's loss is a weighted sum of loss_t (token_weights)
 with global counts, so micro-batches and processes do not change the gradient. All rounds of a
 response are scored in one forward over [clean ; each block in each round that still masks it]
@@ -56,6 +58,7 @@ from support.model import load_model
 
 NOTHING_TO_LEARN = 3
 NORMS, ESTIMATORS = ("token", "sequence"), ("dipo", "exact")
+OLD_LOGPROBS = ("auto", "recorded", "recomputed")
 
 
 @dataclass
@@ -104,6 +107,13 @@ class Config:
         "with --estimator exact, before the update: the selection term's share of the gradient, "
         "its cosine with DiPO's and each estimator's gradient noise (one process; a forward and "
         "two backwards more per micro-batch)",
+    )
+    old_logprobs: str = flag(
+        "auto",
+        "log pi_old of minibatches 2.. : recorded (the sampler's own), recomputed (a no-grad forward at "
+        "step k's weights, needed by --estimator exact and meant for LMDeploy's rollouts, whose kernels "
+        "differ), auto (recorded for our torch sampler's rollouts with --estimator dipo, else recomputed)",
+        choices=OLD_LOGPROBS,
     )
     seed: int = flag(0, "seed of the minibatch shuffle")
     threads: int = flag(0, "torch CPU threads (0 = torch's default)", low=0)
@@ -270,20 +280,36 @@ def plan_micro_batches(records, adv, minibatches, cfg, model_config, rank, world
     return plan
 
 
-def old_logprobs(model, ref, plan, exact, device, dtype):
+def old_logprobs(model, ref, plan, exact, recorded, device, dtype):
     """Before any optimizer step, at step k's weights: the old terms of every minibatch but the
-    first (which takes its own forward's: dipo_loss), and with a reference model its logprobs
-    of the committed tokens, keyed by (minibatch, micro-batch)."""
+    first (which takes its own forward's: dipo_loss), either recomputed by a forward or, with
+    `recorded`, the sampler's logprobs (no forward; their "logp" is None, so the mismatch is
+    taken of the first minibatch alone); with a reference model its logprobs of the committed
+    tokens. Keyed by (minibatch, micro-batch)."""
     old, ref_logp = {}, {}
     with torch.no_grad():
         for m, micro_batches in enumerate(plan):
             for j, micro in enumerate(micro_batches):
-                if m > 0:
+                if m > 0 and recorded:
+                    old[m, j] = {"logp": None, "ratio_logp": micro["recorded"].to(device)}
+                elif m > 0:
                     logits, logp, _ = forward_scores(model, micro["batch"], device, dtype)
                     old[m, j] = old_terms(logits, logp, micro["batch"][2], exact)
                 if ref is not None:
                     ref_logp[m, j] = token_logprobs(ref, micro["batch"], device, dtype)
     return old, ref_logp
+
+
+def use_recorded(choice, estimator, engines):
+    """Whether log pi_old is the sampler's record (--old-logprobs). Our torch sampler records
+    log pi at step k's weights, what a recomputation gives up to float order, so auto saves
+    that forward; LMDeploy's kernels and precision differ, and recomputing keeps that gap out of
+    the ratio. --estimator exact needs terms a record does not hold."""
+    if choice == "recorded" and estimator == "exact":
+        raise ValueError("--old-logprobs recorded: --estimator exact needs recomputed old terms")
+    if choice == "auto":
+        return estimator == "dipo" and engines == {"torch"}
+    return choice == "recorded"
 
 
 def warmup_lr(lr, warmup_steps, new_step):
@@ -374,9 +400,10 @@ def main(cfg):
     minibatches = split_minibatches(len(records), cfg.minibatches, cfg.seed, policy_step)
     plan = plan_micro_batches(records, adv, minibatches, cfg, model.config, rank, world, exact is not None)
 
-    # the old log-probabilities at step k's weights
+    # the old log-probabilities at step k's weights: the sampler's records, or a forward
     t_old = time.time()
-    old, ref_logp = old_logprobs(model, ref, plan, exact, device, dtype)
+    recorded = use_recorded(cfg.old_logprobs, cfg.estimator, {r["sampler"].get("engine") for r in records})
+    old, ref_logp = old_logprobs(model, ref, plan, exact, recorded, device, dtype)
     if cfg.diagnostics and exact and exact.has_selection and world == 1:
 
         def probe_loss(m, j, micro):  # the exact loss at step k's weights, and its selection part

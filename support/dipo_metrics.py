@@ -1,5 +1,5 @@
 """What dipo.py logs: the rollouts' rewards and groups, the update's token means summed over
-processes, the train-inference mismatch (step k's recomputed logprobs against the sampler's
+processes, the train-inference mismatch (step k's computed logprobs against the sampler's
 records), and the one log line. Used by dipo.py.
 """
 
@@ -27,13 +27,14 @@ SUMMED += ("steps", "clipped_steps", "selection_abs", "tokens_abs")  # --estimat
 
 
 def update_metrics(sums, plan, old, grad_norms, world, device):
-    """The update's fields, over all processes: token means, the mismatch (step k's recomputed
-    logprobs vs the sampler's records), and grad_norm, the mean over the optimizer steps."""
+    """The update's fields, over all processes: token means, the mismatch (step k's computed
+    logprobs vs the sampler's records, where a forward computed them), and grad_norm, the mean
+    over the optimizer steps."""
     mismatch = [
         (old[m, j]["logp"].cpu() - micro["recorded"]).abs()
         for m, micro_batches in enumerate(plan)
         for j, micro in enumerate(micro_batches)
-        if micro["real"]
+        if micro["real"] and old[m, j]["logp"] is not None
     ]
     mismatch = torch.cat(mismatch) if mismatch else torch.zeros(0)
     sums.update(mismatch_sum=mismatch.sum().item(), mismatch_count=len(mismatch))

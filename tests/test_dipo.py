@@ -414,11 +414,13 @@ def test_gradient_is_the_same_for_any_micro_batch_and_two_processes(tmp_path):
             "seq16": four + ["--loss-norm", "sequence"],
             "seq1": four + ["--loss-norm", "sequence", "--micro-batch-size", 1],
             "recompute": four + ["--grad-checkpointing"],
+            "old_recomputed": four + ["--old-logprobs", "recomputed"],
         },
         two_processes=four,
     )
     m = {name: metrics(run)[-1] for name, run in runs.items()}
-    for a, b in (("mb16", "mb1"), ("mb16", "two"), ("seq16", "seq1"), ("mb16", "recompute")):
+    pairs = ("mb16", "mb1"), ("mb16", "two"), ("seq16", "seq1"), ("mb16", "recompute"), ("mb16", "old_recomputed")
+    for a, b in pairs:
         assert m[a]["loss"] == pytest.approx(m[b]["loss"], rel=1e-4, abs=1e-7)
         assert m[a]["grad_norm"] == pytest.approx(m[b]["grad_norm"], rel=1e-4)
     assert m["mb16"]["grad_norm"] != pytest.approx(
@@ -429,6 +431,34 @@ def test_gradient_is_the_same_for_any_micro_batch_and_two_processes(tmp_path):
     # gradient is ~0 can move by up to lr (1e-4) on float noise alone: a tenth of that is the bar
     for name in w["mb16"]:
         torch.testing.assert_close(w["two"][name], w["mb16"][name], atol=1e-5, rtol=0)
+        torch.testing.assert_close(w["old_recomputed"][name], w["mb16"][name], atol=1e-5, rtol=0)
+
+
+def test_old_logprobs_come_from_the_records_of_our_sampler_and_are_recomputed_otherwise(tmp_path, monkeypatch):
+    """auto reads log pi_old of our torch sampler's records (a forward per micro-batch of
+    minibatches 2.. saved), recomputes it for another engine's and for --estimator exact; the
+    mismatch is still taken where a forward ran at step k's weights."""
+    assert dipo.use_recorded("auto", "dipo", {"torch"})
+    assert not dipo.use_recorded("auto", "dipo", {"lmdeploy"})
+    assert not dipo.use_recorded("auto", "dipo", {"torch", "lmdeploy"})
+    assert not dipo.use_recorded("auto", "dipo", {None})  # a record that does not say its engine
+    assert not dipo.use_recorded("auto", "exact", {"torch"})
+    assert dipo.use_recorded("recorded", "dipo", {"lmdeploy"})
+    assert not dipo.use_recorded("recomputed", "dipo", {"torch"})
+    with pytest.raises(ValueError, match="--estimator exact"):
+        dipo.use_recorded("recorded", "exact", {"torch"})
+    forwards, forward_scores = [], dipo.forward_scores
+
+    def counting(model, batch, device, dtype):
+        forwards.append(torch.is_grad_enabled())
+        return forward_scores(model, batch, device, dtype)
+
+    monkeypatch.setattr(dipo, "forward_scores", counting)
+    for choice, no_grad_forwards in (("auto", 0), ("recomputed", 2)):
+        run, forwards[:] = make_run(tmp_path / choice), []
+        assert dipo.main(dipo.Config(run=str(run), minibatches=3, old_logprobs=choice, threads=1)) == 0
+        assert forwards.count(False) == no_grad_forwards and forwards.count(True) == 3
+        assert 0.0 <= metrics(run)[-1]["mismatch_max"] < 1e-4
 
 
 def test_kl_goes_through_the_loss_function_and_grad_norm_is_the_mean_over_minibatches(tmp_path, monkeypatch):

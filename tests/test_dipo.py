@@ -419,7 +419,13 @@ def test_gradient_is_the_same_for_any_micro_batch_and_two_processes(tmp_path):
         two_processes=four,
     )
     m = {name: metrics(run)[-1] for name, run in runs.items()}
-    pairs = ("mb16", "mb1"), ("mb16", "two"), ("seq16", "seq1"), ("mb16", "recompute"), ("mb16", "old_recomputed")
+    pairs = (
+        ("mb16", "mb1"),
+        ("mb16", "two"),
+        ("seq16", "seq1"),
+        ("mb16", "recompute"),
+        ("mb16", "old_recomputed"),
+    )
     for a, b in pairs:
         assert m[a]["loss"] == pytest.approx(m[b]["loss"], rel=1e-4, abs=1e-7)
         assert m[a]["grad_norm"] == pytest.approx(m[b]["grad_norm"], rel=1e-4)
@@ -434,7 +440,9 @@ def test_gradient_is_the_same_for_any_micro_batch_and_two_processes(tmp_path):
         torch.testing.assert_close(w["old_recomputed"][name], w["mb16"][name], atol=1e-5, rtol=0)
 
 
-def test_old_logprobs_come_from_the_records_of_our_sampler_and_are_recomputed_otherwise(tmp_path, monkeypatch):
+def test_old_logprobs_come_from_the_records_of_our_sampler_and_are_recomputed_otherwise(
+    tmp_path, monkeypatch
+):
     """auto reads log pi_old of our torch sampler's records (a forward per micro-batch of
     minibatches 2.. saved), recomputes it for another engine's and for --estimator exact; the
     mismatch is still taken where a forward ran at step k's weights."""

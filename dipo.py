@@ -84,7 +84,7 @@ class Config:
     )
     ppo_epochs: int = flag(1, "passes over the rollouts", low=1)
     minibatches: int = flag(8, "optimizer steps per pass (1 = DiRL's single on-policy step)", low=1)
-    micro_batch_size: int = flag(16, "responses per forward", low=1)
+    micro_batch_size: int = flag(64, "responses per forward (memory: the SDAR configs use 1)", low=1)
     max_len: int = flag(
         0, "longest prompt + response accepted, longer is refused (0 = max_position_embeddings)", low=0
     )

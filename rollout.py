@@ -270,12 +270,14 @@ def generate(model, prompts, generators, cfg, stop_ids, batch_size=0, progress=N
         # rows that completed their block record it; they stop, or write it in the next forward
         done = ~live.masked.any(-1)  # [R] the block is complete
         live.writing = done.clone()
-        for j in done.nonzero().flatten().tolist():
-            result, new = results[sequences[j]], live.new[j]
-            committed = live.block[j][new].tolist()
+        rows = done.nonzero().flatten().tolist()
+        fields = [t[done].tolist() for t in (live.new, live.block, live.step_map, live.logprobs)]  # [D, b]
+        for j, new, block, steps, logprobs in zip(rows, *fields):  # one tensor read for all rows
+            result, kept = results[sequences[j]], [i for i in range(b) if new[i]]
+            committed = [block[i] for i in kept]
             result["response_ids"] += committed
-            result["step_map"] += live.step_map[j][new].tolist()
-            result["logprobs"] += live.logprobs[j][new].tolist()
+            result["step_map"] += [steps[i] for i in kept]
+            result["logprobs"] += [logprobs[i] for i in kept]
             stopped = any(t in stop_ids for t in committed)
             if stopped or len(result["response_ids"]) >= cfg.max_new_tokens:
                 result["finish"] = "stop" if stopped else "length"

@@ -321,7 +321,7 @@ def dynamic_rounds(sample_round, round_prompts, num_prompts, max_rounds):
     groups_kept})."""
     kept, kept_prompts, sampled, records = [], set(), 0, []
     for r in range(max_rounds):
-        prompts = list(dict.fromkeys(round_prompts(r)))  # a prompt twice in a round would merge groups
+        prompts = round_prompts(r)  # select_prompts: each prompt once in a round
         records = sample_round(prompts)
         sampled += len(prompts)
         groups = defaultdict(list)

@@ -722,10 +722,10 @@ def test_dynamic_rounds_keep_informative_groups_in_stream_order():
     assert stats == {"rounds": 3, "prompts_sampled": 15, "groups_kept": 4}
     records, stats = rollout.dynamic_rounds(sample_round, round_prompts, num_prompts=4, max_rounds=2)
     assert stats["groups_kept"] == 3 and stats["rounds"] == 2  # the shortfall: what two rounds gave
-    records, stats = rollout.dynamic_rounds(
-        sample_round, lambda r: [1, 1, 1, 4, 1], num_prompts=4, max_rounds=3
+    records, stats = rollout.dynamic_rounds(  # the stream's next pass meets prompt 1 again
+        sample_round, lambda r: [[1, 4], [1, 7]][r], num_prompts=4, max_rounds=2
     )
-    assert [r["prompt_id"] for r in records[::4]] == ["1", "4"] and stats["prompts_sampled"] == 6
+    assert [r["prompt_id"] for r in records[::4]] == ["1", "4", "7"] and stats["prompts_sampled"] == 4
     records, stats = rollout.dynamic_rounds(sample_round, lambda r: [0, 2, 3], num_prompts=2, max_rounds=2)
     assert stats["groups_kept"] == 0 and len(records) == 12  # none kept: the last round, for dipo's exit 3
 

@@ -59,6 +59,7 @@ RUN_FIELDS = {
     "grad_checkpointing",
     "row_len",
     "grad_accum",
+    "eval_every",
 }
 RUN_FIELDS |= {"attn", "device"}
 
@@ -76,6 +77,12 @@ class Config:
     run: str = flag("runs/arith", "run directory (created); its layout: docs/design.md")
     steps: int = flag(2000, "optimizer steps", low=1, when=lambda c: c.epochs == 0)
     epochs: float = flag(0.0, "if > 0, train this many passes over the data instead of --steps", low=0)
+    minutes: float = flag(
+        0.0,
+        "if > 0, end the run after the step that passes this many minutes of training (resumes count "
+        "the time before their last save): demo.sh's control arm, as many minutes as the loop took",
+        low=0,
+    )
     batch_size: int = flag(32, "documents per optimizer step, summed over processes and micro-batches", low=1)
     grad_accum: int = flag(1, "micro-batches per optimizer step in each process", low=1)
     row_len: int = flag(256, "tokens per packed row (a document counts its clean and its noisy copy)", low=1)
@@ -99,7 +106,12 @@ class Config:
         "auto", "attention backend (auto: flex on CUDA, else sdpa)", choices=("auto", *attention.BACKENDS)
     )
     seed: int = flag(0, "seed of the model init (tiny), the data order, the held-out split and the masks")
-    eval_docs: int = flag(256, "documents held out of training for the final held-out loss", low=0)
+    eval_docs: int = flag(256, "documents held out of training for the held-out loss", low=0)
+    eval_every: int = flag(
+        0,
+        "held-out loss and masked-token accuracy every this many steps too: the curve (0 = at the end)",
+        low=0,
+    )
     save_every: int = flag(100, "save the run (weights + optimizer) every this many steps", low=1)
     log_every: int = flag(25, "one log line and one metrics.jsonl line every this many steps", low=1)
     resume: bool = flag(
@@ -326,6 +338,14 @@ def check_flags(cfg, world):
         )
 
 
+def out_of_time(t_begin, minutes, world, device):
+    """Whether the --minutes budget is spent; rank 0's clock decides for every process."""
+    over = torch.tensor([float(time.time() - t_begin >= 60 * minutes)], device=device)
+    if world > 1:
+        torch.distributed.broadcast(over, 0)
+    return bool(over.item())
+
+
 def train_step(model, optimizer, batch, cfg, device, dtype, where):
     """One optimizer step at optimizer.lr on this process's share of a batch, [(position in the
     seeded stream, doc)], in --grad-accum micro-batches. Returns this process's [loss, hits,
@@ -356,12 +376,26 @@ def log_step(run, bar, done, total_steps, stats, lr, grad_norm, tokens_per_s):
     )
 
 
-def save_run(model, tokenizer, optimizer, cfg, step, rank):
-    """The resumable save, runs/<run>/sft/: weights and trainer state in one atomic directory.
-    A collective under FSDP (every process calls it); returns the full weights."""
+def log_held_out(model, held_out, cfg, device, dtype, step, rank, write):
+    """The held-out loss and masked-token accuracy at `step`: a metrics.jsonl line and a log line."""
+    loss, acc = held_out_loss(model, held_out, cfg, device, dtype)
+    if rank == 0:
+        rundir.append_metrics(
+            Path(cfg.run), {"stage": "sft", "step": step, "held_out_loss": loss, "held_out_acc": acc}
+        )
+        write(
+            f"step {step:>5} held-out ({len(held_out)} docs): diffusion loss {loss:.4f}, "
+            f"masked-token accuracy {acc:.3f}"
+        )
+
+
+def save_run(model, tokenizer, optimizer, cfg, step, seconds, rank):
+    """The resumable save, runs/<run>/sft/: weights and trainer state (with the seconds of
+    training so far) in one atomic directory. A collective under FSDP (every process calls
+    it); returns the full weights."""
     model_sd, optim_sd = distributed.full_state(model, optimizer)
     if rank == 0:
-        state = {"step": step, "optimizer": optim_sd, "config": dataclasses.asdict(cfg)}
+        state = {"step": step, "optimizer": optim_sd, "config": dataclasses.asdict(cfg), "seconds": seconds}
         save_checkpoint(model, tokenizer, Path(cfg.run) / "sft", state_dict=model_sd, trainer_state=state)
     return model_sd
 
@@ -396,6 +430,7 @@ def main(cfg):
 
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="sft", disable=rank != 0)
     t0, tokens_since = time.time(), 0
+    t_begin = t0 - (trainer_state or {}).get("seconds", 0.0)  # training time, across resumes
     for step in bar:
         mine = data_stream(step, cfg.batch_size, len(train), cfg.seed)[rank::world]
         batch = [(i, train[d]) for i, d in mine]  # (position in the stream: seeds the noise, doc)
@@ -407,25 +442,24 @@ def main(cfg):
             torch.distributed.all_reduce(stats)
         tokens_since += stats[3].item()
         done = step + 1
+        if cfg.minutes and out_of_time(t_begin, cfg.minutes, world, device):
+            total_steps = done  # the time budget ends the run at this step
         if done % cfg.log_every == 0 or done == total_steps:
             elapsed, t0 = time.time() - t0, time.time()
             if rank == 0:
                 log_step(run, bar, done, total_steps, stats, lr, grad_norm, tokens_since / elapsed)
             tokens_since = 0
+        if held_out and cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
+            log_held_out(model, held_out, cfg, device, dtype, done, rank, bar.write)
         if done % cfg.save_every == 0 and done < total_steps:
-            save_run(model, tokenizer, optimizer, cfg, done, rank)
+            save_run(model, tokenizer, optimizer, cfg, done, time.time() - t_begin, rank)
+        if done == total_steps:
+            break
     bar.close()
 
-    model_sd = save_run(model, tokenizer, optimizer, cfg, total_steps, rank)
+    model_sd = save_run(model, tokenizer, optimizer, cfg, total_steps, time.time() - t_begin, rank)
     if held_out:
-        loss, acc = held_out_loss(model, held_out, cfg, device, dtype)
-        if rank == 0:
-            rundir.append_metrics(
-                run, {"stage": "sft", "step": total_steps, "held_out_loss": loss, "held_out_acc": acc}
-            )
-            print(
-                f"held-out ({len(held_out)} docs): diffusion loss {loss:.4f}, masked-token accuracy {acc:.3f}"
-            )
+        log_held_out(model, held_out, cfg, device, dtype, total_steps, rank, print)
     if rank == 0:
         save_checkpoint(model, tokenizer, policy.policy_dir(run, 0), state_dict=model_sd)
         policy.publish_policy(run, 0)

@@ -30,8 +30,8 @@ MINIMAL = {
 RECORD_KEYS = set(support.data.RECORD_KEYS) | {"question", "ground_truth_answer", "text", "finish"}
 
 
-def demo(run, test_file, **popen):
-    env = {**os.environ, **MINIMAL, "RUN": str(run), "TEST": str(test_file)}
+def demo(run, test_file, task="arith", **popen):
+    env = {**os.environ, **MINIMAL, "RUN": str(run), "TEST": str(test_file), "TASK": task}
     return subprocess.Popen(
         ["bash", str(ROOT / "demo.sh")],
         cwd=ROOT,
@@ -108,6 +108,26 @@ def test_demo_runs_the_whole_pipeline_and_leaves_well_formed_files(reference):
     assert [m["step"] for m in metrics if m["stage"] == "eval"] == [0, 1, 2]
     assert all(m["prompts"] == 6 and "avg@2" in m for m in metrics if m["stage"] == "eval")
     assert {p.name for p in (run / "config").iterdir()} == {"sft.json", "rollout.json", "dipo.json"}
+
+
+def test_demo_teacher_task_runs_the_loop_against_the_same_minutes_of_more_sft(test_file, tmp_path):
+    """TASK=teacher: SFT on the imperfect teacher's solutions, the loop, then the control (SFT
+    from the same policy for the loop's own seconds) and the three held-out files side by side."""
+    run = tmp_path / "teacher"
+    process = demo(run, test_file, task="teacher")
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out
+    assert re.search(r"step_000000\.jsonl\s+step_000002\.jsonl\s+more_sft\.jsonl", out)
+    assert lines(run)[0]["config"]["data"] == "data/arith_scarce_teacher_sft.jsonl"
+    seconds = int((run / "loop_seconds").read_text())
+    assert seconds > 0
+    control = tmp_path / "teacher_control"
+    start = lines(control)[0]
+    assert start["config"]["model"] == str(run / "policy" / "step_000000")
+    assert start["config"]["minutes"] == pytest.approx(max(0.01, seconds / 60), rel=1e-4)
+    assert start["config"]["data"] == "data/arith_scarce_teacher_sft.jsonl"
+    held_out = (control / "eval" / "more_sft.jsonl").read_text().splitlines()
+    assert len(held_out) == 12 and [m["stage"] for m in lines(control)][-1] == "eval"
 
 
 def comparable(run):

@@ -172,6 +172,27 @@ def test_a_short_run_writes_a_checkpoint_that_loads(tmp_path):
     assert again.returncode != 0 and "--resume" in again.stderr
 
 
+def test_held_out_curve_leaves_training_alone_and_minutes_end_the_run(tmp_path):
+    """--eval-every logs the held-out loss along the run without changing a weight; --minutes
+    ends the run after the step that spends the budget and publishes its policy as the end of
+    --steps does (demo.sh's control arm)."""
+    assert run_sft(sft_args(tmp_path, "plain", steps=12)).returncode == 0
+    out = run_sft(sft_args(tmp_path, "curve", steps=12) + ["--eval-every", 4])
+    assert out.returncode == 0, out.stderr
+    assert [m["step"] for m in metrics(tmp_path / "curve") if "held_out_acc" in m] == [4, 8, 12]
+    weights = [
+        load_file(tmp_path / r / "policy" / "step_000000" / "model.safetensors") for r in ("plain", "curve")
+    ]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    out = run_sft(sft_args(tmp_path, "timed", steps=10**6) + ["--minutes", 1e-5, "--log-every", 1])
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "timed"
+    assert support.policy.latest_policy(run)[0] == 0
+    state = torch.load(run / "sft" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 1 and state["seconds"] > 0
+    assert [m["step"] for m in metrics(run)] == [1, 1]  # the step's line, then the held-out one
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     args = sft_args(tmp_path, "k", steps=40) + ["--save-every", 10]
     assert run_sft(args[:3] + [tmp_path / "ref"] + args[4:]).returncode == 0

@@ -62,6 +62,46 @@ def test_splits_are_disjoint_and_sized():
     assert len(questions["test"]) >= 200
 
 
+VARIANTS = {  # the task variants' files (only an SFT file each): the generator's flags
+    "arith_scarce_sft.jsonl": ["--scarce", "1256"],
+    "arith_scarce_teacher_sft.jsonl": ["--scarce", "1256", "--teacher-error", "0.5"],
+}
+
+
+def test_variant_files_are_what_the_generator_writes_and_hold_the_default_problems(tmp_path):
+    """Each variant writes its SFT file only; its problems are the default SFT file's first ones,
+    so they share none with the RL and test files (test_splits_are_disjoint_and_sized)."""
+    default = [row["prompt"] for row in read(ROOT / "data" / "arith_sft.jsonl")]
+    for name, flags in VARIANTS.items():
+        out = tmp_path / name
+        subprocess.run(
+            [sys.executable, str(ROOT / "data" / "arithmetic.py"), "--out", str(out), *flags],
+            check=True,
+            capture_output=True,
+        )
+        assert [p.name for p in out.iterdir()] == [name]
+        assert (out / name).read_text() == (ROOT / "data" / name).read_text(), name
+        rows = read(ROOT / "data" / name)
+        assert [row["prompt"] for row in rows] == default[: len(rows)] and len(rows) == 1256
+        assert all(row["ground_truth_answer"] == str(evaluate(row["prompt"])) for row in rows)
+
+
+def test_the_imperfect_teacher_slips_once_and_computes_on_from_there():
+    """Every step of a worked solution evaluates to the same value, except in a slipped one,
+    where the value changes once (the slipped operation) and the box holds the value reached.
+    About half the boxes are wrong (--teacher-error 0.5); the clean variant has none."""
+    wrong = 0
+    for row in read(ROOT / "data" / "arith_scarce_teacher_sft.jsonl"):
+        steps, boxed = row["response"].split("\n")
+        values = [evaluate(step) for step in steps.split("=")]
+        assert sum(a != b for a, b in zip(values, values[1:])) <= 1
+        assert boxed == f"\\boxed{{{values[-1]}}}"
+        wrong += str(values[-1]) != row["ground_truth_answer"]
+    assert 0.44 < wrong / 1256 < 0.56
+    clean = read(ROOT / "data" / "arith_scarce_sft.jsonl")
+    assert all(row["response"].endswith(f"\\boxed{{{row['ground_truth_answer']}}}") for row in clean)
+
+
 def test_answers_and_worked_solutions_are_right():
     for row in read(ROOT / "data" / "arith_sft.jsonl")[:2000]:
         value = evaluate(row["prompt"])

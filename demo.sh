@@ -42,9 +42,9 @@ held_out() {  # sample the test split with the policy dir $1, into $2, then grad
   grep -q "$2\"" "$3/metrics.jsonl" 2>/dev/null || python eval.py "$2" --run "$3" > /dev/null
 }
 sft() {  # SFT into run $1 (done if it has a policy, resumed if it has a save, else started)
-  local run=$1; shift
+  local run=$1 resume=; shift
   [ ! -f "$run/policy/latest" ] || return 0
-  if [ -d "$run/sft" ]; then resume=--resume; else resume=; fi
+  [ ! -d "$run/sft" ] || resume=--resume
   python sft.py --run "$run" --data "$SFT_DATA" --seed "$SEED" $resume $common "$@" ${SFT_ARGS:-}
 }
 

@@ -95,6 +95,8 @@ def worked_solution(question, steps, value):
 def teacher_slip(seed, question, n_ops, teacher_error):
     """The imperfect teacher's slip on this question, (operation, delta), or None: a function
     of (seed, question) alone, so the problem stream does not depend on --teacher-error."""
+    if teacher_error <= 0:
+        return None
     rng = random.Random(f"teacher:{seed}:{question}")
     if rng.random() >= teacher_error:
         return None
@@ -128,11 +130,9 @@ def generate(seed, counts, min_ops=1, max_ops=3, digits=1, fractions=False, teac
         if len(splits[split]) >= counts[split] or question in splits[split]:
             continue
         steps, value = solve(terms)
-        response = worked_solution(question, steps, value)
-        if split == "sft" and teacher_error > 0:
-            slip = teacher_slip(seed, question, len(terms) // 2, teacher_error)
-            response = worked_solution(question, *solve(terms, slip))
-        splits[split][question] = (question, response, render_answer(value))
+        slip = teacher_slip(seed, question, len(terms) // 2, teacher_error) if split == "sft" else None
+        shown = solve(terms, slip) if slip else (steps, value)  # the teacher's work, slip and all
+        splits[split][question] = (question, worked_solution(question, *shown), render_answer(value))
     raise ValueError(
         f"could not draw {counts} distinct problems with these knobs; the problem space is too small"
     )
@@ -208,8 +208,8 @@ def main(argv=None):
         parser.exit(1, f"error: {e}\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    variant = ("scarce_" if args.scarce else "") + ("teacher_" if args.teacher_error > 0 else "")
     for split, problems in splits.items():
-        variant = ("scarce_" if args.scarce else "") + ("teacher_" if args.teacher_error > 0 else "")
         if variant and split != "sft":
             continue  # the same as the default files
         name = f"arith_{variant}{split}.jsonl"

@@ -1,8 +1,12 @@
 """Learning curves: the loop's wall time per policy step (loop_minutes), and a plot of
 training reward and held-out accuracy against DiPO step and loop minutes, one line per run,
-from the runs' metrics.jsonl. Analysis, not a stage: matplotlib is needed here only.
+from the runs' metrics.jsonl. With --control, the comparison `TASK=teacher bash demo.sh`
+runs instead: SFT's held-out curve to its plateau and on through the control's more SFT, and
+held-out avg@k of the loop and of the control against minutes after the plateau (each RUN
+beside its RUN_control). Analysis, not a stage: matplotlib is needed here only.
 
     python benchmarks/curves.py OUT.png runs/seed0 runs/seed1 [--steps N]
+    python benchmarks/curves.py --control OUT.png runs/teacher runs/t1 runs/t2
 """
 
 import argparse
@@ -38,6 +42,71 @@ def loop_minutes(lines):
         total += min(gap, cap) + work
         minutes[step] = total / 60
     return minutes
+
+
+def comparison_curves(lines, control_lines):
+    """One seed of the loop-against-control comparison, as (x, y) lists, from the metrics.jsonl
+    lines of the run (SFT to the plateau, then the loop) and of its control (more SFT from the
+    plateau policy, for the loop's minutes):
+      plateau  the last SFT step before the loop (where the control starts)
+      sft      [(SFT step, held-out masked-token accuracy)], the control's steps continuing it
+      loop     [(loop minutes, held-out avg@k)] at each evaluated policy step
+      control  [(0, the plateau's avg@k), (the control's minutes, its avg@k)]"""
+
+    def held_out_acc(records, offset):
+        return [(offset + r["step"], r["held_out_acc"]) for r in records if "held_out_acc" in r]
+
+    sft = held_out_acc(lines, 0)
+    minutes = loop_minutes(lines)
+    loop = sorted(
+        (minutes[r["step"]], r[k])
+        for r in lines
+        if r.get("stage") == "eval" and r["step"] in minutes
+        for k in r
+        if k.startswith("avg@")
+    )
+    control_minutes = next(
+        r["config"]["minutes"] for r in control_lines if r.get("event") == "start" and r["stage"] == "sft"
+    )
+    control_avg = [r[k] for r in control_lines if r.get("stage") == "eval" for k in r if k.startswith("avg@")]
+    if not sft or not loop or not control_avg:
+        raise ValueError("a run needs SFT's held-out curve, a held-out evaluation and its control's")
+    return {
+        "plateau": sft[-1][0],
+        "sft": sft + held_out_acc(control_lines, sft[-1][0]),
+        "loop": loop,
+        "control": [loop[0], (control_minutes, control_avg[-1])],
+    }
+
+
+def plot_comparison(runs, out):
+    """Left: SFT's held-out masked-token accuracy against SFT step, to the plateau and on
+    through the control. Right: held-out avg@k against minutes after the plateau, the loop
+    (solid) and the control (dashed). One colour per run, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        name = Path(run).name
+        curves = comparison_curves(read_metrics(run), read_metrics(f"{run}_control"))
+        line = left.plot(*zip(*curves["sft"]), label=f"{name}: SFT, then the control's more SFT")
+        colour = line[0].get_color()
+        left.axvline(curves["plateau"], color=colour, linestyle=":", alpha=0.5)
+        right.plot(*zip(*curves["loop"]), "o-", color=colour, label=f"{name}: the loop")
+        right.plot(*zip(*curves["control"]), "s--", color=colour, label=f"{name}: more SFT (control)")
+    left.set_xlabel("SFT step")
+    left.set_ylabel("held-out masked-token accuracy")
+    right.set_xlabel("minutes after the plateau (the loop's rollout.py + dipo.py)")
+    right.set_ylabel("held-out avg@k")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = f"{out}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out)
 
 
 def plot_runs(runs, out, max_step=0):
@@ -93,9 +162,15 @@ if __name__ == "__main__":
     parser.add_argument("out", help="the PNG to write")
     parser.add_argument("runs", nargs="+", help="run directories")
     parser.add_argument("--steps", type=int, default=0, help="only DiPO steps up to N (default: 0 = all)")
+    parser.add_argument(
+        "--control", action="store_true", help="plot each run against its RUN_control (TASK=teacher|scarce)"
+    )
     args = parser.parse_args()
     try:
-        plot_runs(args.runs, args.out, args.steps)
+        if args.control:
+            plot_comparison(args.runs, args.out)
+        else:
+            plot_runs(args.runs, args.out, args.steps)
     except ImportError:
         sys.exit("error: the plot needs matplotlib (pip install matplotlib)")
     except (OSError, ValueError, KeyError, StopIteration) as e:

@@ -997,3 +997,32 @@ def test_loop_minutes_count_rollout_and_update_only():
     ]  # stopped and restarted: gap capped at 2 x 4 s
     minutes = curves.loop_minutes(lines)
     assert minutes == pytest.approx({0: 0.0, 1: 20 / 60, 2: 36 / 60, 3: 52 / 60, 4: 72 / 60})
+
+
+def test_comparison_curves_put_loop_and_control_on_the_minutes_after_the_plateau():
+    """curves.comparison_curves: SFT's held-out curve continued by the control's steps, the loop's
+    evaluations at their loop minutes, the control from the plateau's avg@k to its own at its minutes."""
+    lines = [
+        {"time": 0, "stage": "sft", "step": 100, "held_out_acc": 0.5},
+        {"time": 1, "stage": "sft", "step": 200, "held_out_acc": 0.7},
+        {"time": 2, "stage": "eval", "step": 0, "avg@8": 0.2},
+        {"time": 4, "stage": "rollout", "event": "start"},
+        {"time": 32, "stage": "dipo", "step": 1},
+        {"time": 33, "stage": "eval", "step": 1, "avg@8": 0.25},
+        {"time": 33, "stage": "rollout", "event": "start"},
+        {"time": 63, "stage": "dipo", "step": 2},
+        {"time": 90, "stage": "eval", "step": 2, "avg@8": 0.3},
+    ]
+    control = [
+        {"time": 0, "stage": "sft", "event": "start", "config": {"minutes": 1.05}},
+        {"time": 5, "stage": "sft", "step": 100, "held_out_acc": 0.71},
+        {"time": 9, "stage": "eval", "step": 0, "avg@8": 0.18},
+    ]
+    curves_ = curves.comparison_curves(lines, control)
+    assert curves_["plateau"] == 200
+    assert curves_["sft"] == [(100, 0.5), (200, 0.7), (300, 0.71)]
+    # step 1: 2 s before its rollout started and 28 s of work; step 2: 30 s more (the evaluation left out)
+    assert [x for point in curves_["loop"] for x in point] == pytest.approx([0.0, 0.2, 0.5, 0.25, 1.0, 0.3])
+    assert curves_["control"] == [(0.0, 0.2), (1.05, 0.18)]
+    with pytest.raises(ValueError, match="control"):
+        curves.comparison_curves(lines, control[:2])

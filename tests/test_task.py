@@ -70,8 +70,11 @@ VARIANTS = {  # the task variants' files (only an SFT file each): the generator'
 
 def test_variant_files_are_what_the_generator_writes_and_hold_the_default_problems(tmp_path):
     """Each variant writes its SFT file only; its problems are the default SFT file's first ones,
-    so they share none with the RL and test files (test_splits_are_disjoint_and_sized)."""
+    and share none with the RL and test files that its loop and evaluation use."""
     default = [row["prompt"] for row in read(ROOT / "data" / "arith_sft.jsonl")]
+    answer_only = {
+        row["question"] for split in ("rl", "test") for row in read(ROOT / "data" / f"arith_{split}.jsonl")
+    }
     for name, flags in VARIANTS.items():
         out = tmp_path / name
         subprocess.run(
@@ -83,6 +86,7 @@ def test_variant_files_are_what_the_generator_writes_and_hold_the_default_proble
         assert (out / name).read_text() == (ROOT / "data" / name).read_text(), name
         rows = read(ROOT / "data" / name)
         assert [row["prompt"] for row in rows] == default[: len(rows)] and len(rows) == 1256
+        assert not {row["prompt"] for row in rows} & answer_only
         assert all(row["ground_truth_answer"] == str(evaluate(row["prompt"])) for row in rows)
 
 

@@ -47,7 +47,7 @@ import attention
 from support import distributed, policy, rundir
 from support.data import MAX_DATA_MB, data_stream, read_records
 from support.flags import flag, run_stage
-from support.model import IM_END, load_model, render_chat, render_prompt, save_checkpoint
+from support.model import load_model, save_checkpoint, sft_record_texts
 
 # settings a resumed run may change: they do not change what is learned
 RUN_FIELDS = {
@@ -186,36 +186,13 @@ def noise_seed(seed, position):
 # ----------------------------------------------------------------------------- data
 
 
-def to_texts(record, instruction):
-    """(prompt text, response text) in DiRL's chat format; the response ends with <|im_end|>\\n."""
-    if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
-        messages = record["messages"]
-        last = messages[-1]
-        if (
-            not isinstance(last, dict)
-            or last.get("role") != "assistant"
-            or not isinstance(last.get("content"), str)
-        ):
-            raise ValueError("the last message must be an assistant turn with string content")
-        prompt = render_chat(messages[:-1], add_generation_prompt=True)
-        return prompt, last["content"] + IM_END + "\n"
-    if (
-        isinstance(record, dict)
-        and isinstance(record.get("prompt"), str)
-        and isinstance(record.get("response"), str)
-    ):
-        return render_prompt(record["prompt"], instruction), record["response"] + IM_END + "\n"
-    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-    raise ValueError(f"need 'messages' or 'prompt' + 'response' (have {keys})")
-
-
 def load_documents(path, tokenizer, instruction, block_size, max_len, overlong, max_mb=MAX_DATA_MB):
     """Token documents (prompt_ids, response_ids padded with eos to a block multiple) and
     the number of overlong records skipped or truncated."""
     texts = []
     for n, record in read_records(path, max_mb=max_mb):
         try:
-            texts.append(to_texts(record, instruction))
+            texts.append(sft_record_texts(record, instruction))
         except ValueError as e:
             raise ValueError(f"{path}:{n}: {e}") from None
     prompts = tokenizer.encode(p for p, _ in texts)

@@ -49,6 +49,30 @@ def render_prompt(question, instruction):
     return render_chat([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
+def sft_record_texts(record, instruction):
+    """An SFT record's (prompt text, response text) in DiRL's chat format; the response ends with
+    <|im_end|>\n. A record is {"messages": [..., assistant turn]} or {"prompt", "response"}."""
+    if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
+        messages = record["messages"]
+        last = messages[-1]
+        if (
+            not isinstance(last, dict)
+            or last.get("role") != "assistant"
+            or not isinstance(last.get("content"), str)
+        ):
+            raise ValueError("the last message must be an assistant turn with string content")
+        prompt = render_chat(messages[:-1], add_generation_prompt=True)
+        return prompt, last["content"] + IM_END + "\n"
+    if (
+        isinstance(record, dict)
+        and isinstance(record.get("prompt"), str)
+        and isinstance(record.get("response"), str)
+    ):
+        return render_prompt(record["prompt"], instruction), record["response"] + IM_END + "\n"
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise ValueError(f"need 'messages' or 'prompt' + 'response' (have {keys})")
+
+
 CHAT_TEMPLATE = (  # the same format as render_chat, for tools that call apply_chat_template
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

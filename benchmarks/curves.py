@@ -44,6 +44,11 @@ def loop_minutes(lines):
     return minutes
 
 
+def avg_key(record):
+    """The name of a held-out line's avg@k field ("avg@8"), or None."""
+    return next((key for key in record if key.startswith("avg@")), None)
+
+
 def comparison_curves(lines, control_lines):
     """One seed of the loop-against-control comparison, as (x, y) lists, from the metrics.jsonl
     lines of the run (SFT to the plateau, then the loop) and of its control (more SFT from the
@@ -59,16 +64,14 @@ def comparison_curves(lines, control_lines):
     sft = held_out_acc(lines, 0)
     minutes = loop_minutes(lines)
     loop = sorted(
-        (minutes[r["step"]], r[k])
+        (minutes[r["step"]], r[avg_key(r)])
         for r in lines
-        if r.get("stage") == "eval" and r["step"] in minutes
-        for k in r
-        if k.startswith("avg@")
+        if r.get("stage") == "eval" and r["step"] in minutes and avg_key(r)
     )
     control_minutes = next(
         r["config"]["minutes"] for r in control_lines if r.get("event") == "start" and r["stage"] == "sft"
     )
-    control_avg = [r[k] for r in control_lines if r.get("stage") == "eval" for k in r if k.startswith("avg@")]
+    control_avg = [r[avg_key(r)] for r in control_lines if r.get("stage") == "eval" and avg_key(r)]
     if not sft or not loop or not control_avg:
         raise ValueError("a run needs SFT's held-out curve, a held-out evaluation and its control's")
     return {
@@ -79,16 +82,28 @@ def comparison_curves(lines, control_lines):
     }
 
 
-def plot_comparison(runs, out):
-    """Left: SFT's held-out masked-token accuracy against SFT step, to the plateau and on
-    through the control. Right: held-out avg@k against minutes after the plateau, the loop
-    (solid) and the control (dashed). One colour per run, to a PNG."""
+def two_panels():
+    """A figure of two plots side by side (matplotlib imported here: only plots need it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    return plt.subplots(1, 2, figsize=(11, 4))
+
+
+def save_png(fig, out):
+    fig.tight_layout()
+    tmp = f"{out}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out)
+
+
+def plot_comparison(runs, out):
+    """Left: SFT's held-out masked-token accuracy against SFT step, to the plateau and on
+    through the control. Right: held-out avg@k against minutes after the plateau, the loop
+    (solid) and the control (dashed). One colour per run, to a PNG."""
+    fig, (left, right) = two_panels()
     for run in runs:
         name = Path(run).name
         curves = comparison_curves(read_metrics(run), read_metrics(f"{run}_control"))
@@ -103,21 +118,13 @@ def plot_comparison(runs, out):
     right.set_ylabel("held-out avg@k")
     left.legend(fontsize=7)
     right.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = f"{out}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    save_png(fig, out)
 
 
 def plot_runs(runs, out, max_step=0):
     """Training reward and held-out avg@k against DiPO step and against loop minutes
     (loop_minutes), one line per run, to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = two_panels()
     for run in runs:
         lines = read_metrics(run)
         lines = [r for r in lines if not max_step or r.get("step", 0) <= max_step]
@@ -128,7 +135,7 @@ def plot_runs(runs, out, max_step=0):
         held_out = sorted(
             (r for r in lines if r.get("stage") == "eval" and r["step"] in minutes), key=lambda r: r["step"]
         )
-        k = next((key for key in held_out[0] if key.startswith("avg@")), None) if held_out else None
+        k = avg_key(held_out[0]) if held_out else None
         smooth = [
             sum(r["reward"] for r in loop[max(0, i - 4) : i + 1]) / min(i + 1, 5) for i in range(len(loop))
         ]
@@ -149,10 +156,7 @@ def plot_runs(runs, out, max_step=0):
             )
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    tmp = f"{out}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    save_png(fig, out)
 
 
 if __name__ == "__main__":
